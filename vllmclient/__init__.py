@@ -1,0 +1,44 @@
+"""vllmclient: a fast, hard-to-break client for vLLM's OpenAI-compatible server.
+
+``from vllmclient import ClientvLLM`` is a drop-in for ``distilabel.models.llms.ClientvLLM``.
+"""
+
+from .client import ClientvLLM
+from .errors import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    GenerationFailedError,
+    InvalidInputError,
+    LocalServerError,
+    ModelNotFoundError,
+    PromptTooLongError,
+    ServerError,
+    ServerUnreachableError,
+    VLLMClientError,
+)
+from .formatter import ChatFormatter
+from .results import GenerateOutput, GenerationError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ChatFormatter",
+    "ClientvLLM",
+    "ConfigurationError",
+    "GenerateOutput",
+    "GenerationError",
+    "GenerationFailedError",
+    "InvalidInputError",
+    "LocalServerError",
+    "ModelNotFoundError",
+    "PromptTooLongError",
+    "ServerError",
+    "ServerUnreachableError",
+    "VLLMClientError",
+    "__version__",
+]

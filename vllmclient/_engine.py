@@ -1,0 +1,328 @@
+"""Bulk generation: bounded concurrency, prompt packing with splitting, per-input isolation.
+
+The hot path, run once per prompt, is: prepare (render + checks) → pack → one POST per pack →
+unpack the choices. Keep per-prompt work here small and measured (benchmarks/run.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import httpx2
+import openai
+
+from ._sampling import Request
+from .errors import APIError, BadRequestError, VLLMClientError, from_openai
+from .results import GenerateOutput, GenerationError, Logprob, failed_output
+
+logger = logging.getLogger("vllmclient")
+
+Prepare = Callable[[int, Any], Any]
+"""Turns input ``index`` into what is sent (a prompt str, or messages for chat); raises VLLMClientError."""
+
+PACK_CAP = 32
+"""Most prompts per request; beyond this the client saves little CPU and packs hold slots longer."""
+
+TARGET_REQUESTS_PER_SECOND = 100.0
+"""Adaptive packing aims at about this many HTTP requests per second (~0.1 core of SDK overhead)."""
+
+# 400s whose ``param`` names one of these are about the prompts, so splitting the pack finds the culprit;
+# any other named parameter (temperature, logprobs, ...) is wrong for every prompt alike.
+_INPUT_PARAMS = frozenset({"input_tokens", "input_text", "prompt", "messages"})
+
+
+class Capacity:
+    """An async counting limiter over sequences (prompts × n) in flight; FIFO, so no caller starves."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    async def acquire(self, amount: int) -> int:
+        """Take ``amount`` (at most the limit); returns what was taken, to release later."""
+        amount = min(amount, self.limit)
+        if not self._waiters and self.used + amount <= self.limit:
+            self.used += amount
+            return amount
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (amount, future)
+        self._waiters.append(entry)
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.release(amount)  # granted just as we were cancelled
+            else:
+                self._waiters.remove(entry)
+            raise
+        return amount
+
+    def release(self, amount: int) -> None:
+        self.used -= amount
+        while self._waiters:
+            amount, future = self._waiters[0]
+            if self.used + amount > self.limit:
+                break
+            self._waiters.popleft()
+            if not future.done():
+                self.used += amount
+                future.set_result(None)
+
+
+class PackSizer:
+    """How many prompts go in the next request.
+
+    Packing cuts the client's CPU per prompt (the SDK costs about 1 ms per HTTP request whatever its
+    size), but a pack returns only when its longest generation ends, holding the slots of the others.
+    So packs shrink as requests get slow: the target is ~TARGET_REQUESTS_PER_SECOND requests, which
+    keeps SDK overhead low, and at least 4 requests in flight so the server never waits on the client.
+    """
+
+    def __init__(self, fixed: int | None) -> None:
+        self.fixed = fixed
+        self.latency: float | None = None  # exponentially weighted mean seconds per request
+
+    def size(self, slots: int) -> int:
+        if self.fixed is not None:
+            return max(1, min(self.fixed, slots))
+        ceiling = max(1, min(PACK_CAP, slots // 4))
+        if self.latency is None:
+            return ceiling
+        wanted = math.ceil(slots / (self.latency * TARGET_REQUESTS_PER_SECOND))
+        return max(1, min(ceiling, wanted))
+
+    def observe(self, seconds: float) -> None:
+        self.latency = seconds if self.latency is None else 0.8 * self.latency + 0.2 * seconds
+
+
+class Engine:
+    """Sends prepared prompts for one client; lives on the client's private loop."""
+
+    def __init__(
+        self,
+        aclient: openai.AsyncOpenAI,
+        *,
+        base_url: str,
+        served_models: list[str],
+        max_concurrency: int,
+        pack_size: int | None,
+    ) -> None:
+        self.aclient = aclient
+        self.base_url = base_url
+        self.served_models = served_models
+        self.capacity = Capacity(max_concurrency)
+        self.sizer = PackSizer(pack_size)
+
+    async def post(self, path: str, body: dict[str, Any]) -> Any:
+        """One request through the SDK (its retries and timeouts), JSON decoded without model parsing."""
+        return await self._call(self.aclient.post(path, cast_to=httpx2.Response, body=body))
+
+    async def get(self, path: str) -> Any:
+        return await self._call(self.aclient.get(path, cast_to=httpx2.Response))
+
+    async def _call(self, sending: Any) -> Any:
+        try:
+            response = await sending
+        except openai.OpenAIError as exc:
+            raise from_openai(exc, base_url=self.base_url, served_models=self.served_models) from exc
+        return json.loads(response.content)
+
+    async def one(self, payload: Any, request: Request) -> GenerateOutput:
+        """A single input; errors are raised (agenerate's contract)."""
+        taken = await self.capacity.acquire(request.n)
+        try:
+            if request.chat:
+                data = await self.post("/chat/completions", request.with_messages(payload))
+                return _chat_output(data, request)
+            data = await self.post("/completions", request.with_prompts([payload]))
+            return _completion_outputs(data, 1, request)[0]
+        finally:
+            self.capacity.release(taken)
+
+    async def stream(
+        self, items: Iterable[Any], request: Request, prepare: Prepare
+    ) -> AsyncIterator[list[tuple[int, GenerateOutput]]]:
+        """Yield batches of ``(index, output)`` as packs complete; inputs are read only as slots free up.
+
+        Capacity is released when a result is taken from here, not when the server answers, so a slow
+        consumer slows the producer and memory stays flat however many inputs there are.
+        """
+        done: asyncio.Queue[Any] = asyncio.Queue()
+        end = object()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def send(pack: list[tuple[int, Any]], taken: int) -> None:
+            start = time.perf_counter()
+            results = await self._send_pack(pack, request)
+            if not request.chat:
+                self.sizer.observe(time.perf_counter() - start)
+            done.put_nowait((results, taken))
+
+        async def produce() -> None:
+            slots = max(1, self.capacity.limit // request.n)
+            iterator = enumerate(items)
+            exhausted = False
+            while not exhausted:
+                size = 1 if request.chat else self.sizer.size(slots)
+                taken = await self.capacity.acquire(size * request.n)
+                pack: list[tuple[int, Any]] = []
+                while len(pack) < size:
+                    try:
+                        index, item = next(iterator)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    try:
+                        pack.append((index, prepare(index, item)))
+                    except VLLMClientError as exc:
+                        done.put_nowait(([(index, failed_output(request.n, GenerationError.from_exception(index, exc)))], 0))
+                spare = taken - min(taken, len(pack) * request.n)
+                if spare:
+                    self.capacity.release(spare)
+                    taken -= spare
+                if pack:
+                    task = asyncio.create_task(send(pack, taken))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.wait(set(tasks))
+
+        async def run_producer() -> None:
+            try:
+                await produce()
+            except BaseException as exc:  # e.g. the caller's input generator raised
+                done.put_nowait(exc)
+                raise
+            finally:
+                done.put_nowait(end)
+
+        producer = asyncio.create_task(run_producer())
+        try:
+            while True:
+                item = await done.get()
+                if item is end:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                results, taken = item
+                if taken:
+                    self.capacity.release(taken)
+                yield results
+        finally:
+            producer.cancel()
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(producer, *tasks, return_exceptions=True)
+            while not done.empty():  # results never taken still hold capacity
+                item = done.get_nowait()
+                if isinstance(item, tuple) and item[1]:
+                    self.capacity.release(item[1])
+
+    async def _send_pack(self, pack: list[tuple[int, Any]], request: Request) -> list[tuple[int, GenerateOutput]]:
+        """Send a pack; on a 400 about its prompts, split it so that only the guilty inputs fail."""
+        try:
+            if request.chat:
+                (index, messages), = pack
+                data = await self.post("/chat/completions", request.with_messages(messages))
+                return [(index, _chat_output(data, request))]
+            data = await self.post("/completions", request.with_prompts([prompt for _, prompt in pack]))
+        except BadRequestError as exc:
+            param = exc.body.get("param") if isinstance(exc.body, dict) else None
+            if len(pack) == 1 or (param is not None and param not in _INPUT_PARAMS):
+                return [(index, failed_output(request.n, GenerationError.from_exception(index, exc))) for index, _ in pack]
+            middle = len(pack) // 2
+            left, right = await asyncio.gather(
+                self._send_pack(pack[:middle], request), self._send_pack(pack[middle:], request)
+            )
+            return left + right
+        except APIError as exc:
+            return [(index, failed_output(request.n, GenerationError.from_exception(index, exc))) for index, _ in pack]
+        outputs = _completion_outputs(data, len(pack), request)
+        return [(index, outputs[position]) for position, (index, _) in enumerate(pack)]
+
+
+def _empty_output(n: int) -> GenerateOutput:
+    return {
+        "generations": [None] * n,
+        "statistics": {"input_tokens": [None] * n, "output_tokens": [None] * n},
+        "finish_reasons": [None] * n,
+    }
+
+
+def _completion_outputs(data: dict[str, Any], prompts: int, request: Request) -> list[GenerateOutput]:
+    """Choices come prompt-major: ``index = prompt_position * n + j``."""
+    n = request.n
+    outputs = [_empty_output(n) for _ in range(prompts)]
+    usage = data.get("usage") or {}
+    whole_request = prompts == 1 and n == 1  # then usage is exact for the one generation
+    for choice in data["choices"]:
+        position, j = divmod(choice["index"], n)
+        output = outputs[position]
+        output["generations"][j] = choice.get("text") or ""
+        output["finish_reasons"][j] = choice.get("finish_reason")
+        token_ids, prompt_ids = choice.get("token_ids"), choice.get("prompt_token_ids")
+        stats = output["statistics"]
+        stats["output_tokens"][j] = (
+            len(token_ids) if token_ids is not None else usage.get("completion_tokens") if whole_request else None
+        )
+        if prompt_ids is not None:
+            stats["input_tokens"][j] = len(prompt_ids)
+        elif prompts == 1:
+            stats["input_tokens"][j] = usage.get("prompt_tokens")
+        if request.logprobs is not None:
+            output.setdefault("logprobs", [[] for _ in range(n)])[j] = _completion_logprobs(choice.get("logprobs"))
+    for output in outputs:  # prompt_token_ids may be on the first choice of a prompt only
+        inputs = output["statistics"]["input_tokens"]
+        known = next((count for count in inputs if count is not None), None)
+        output["statistics"]["input_tokens"] = [known if count is None else count for count in inputs]
+    return outputs
+
+
+def _chat_output(data: dict[str, Any], request: Request) -> GenerateOutput:
+    n = request.n
+    output = _empty_output(n)
+    usage = data.get("usage") or {}
+    prompt_ids = data.get("prompt_token_ids")
+    input_tokens = len(prompt_ids) if prompt_ids is not None else usage.get("prompt_tokens")
+    for choice in data["choices"]:
+        j = choice["index"]
+        message = choice.get("message") or {}
+        output["generations"][j] = message.get("content") or ""
+        output["finish_reasons"][j] = choice.get("finish_reason")
+        token_ids = choice.get("token_ids")
+        output["statistics"]["output_tokens"][j] = (
+            len(token_ids) if token_ids is not None else usage.get("completion_tokens") if n == 1 else None
+        )
+        output["statistics"]["input_tokens"][j] = input_tokens
+        if request.logprobs is not None:
+            content = (choice.get("logprobs") or {}).get("content") or []
+            output.setdefault("logprobs", [[] for _ in range(n)])[j] = [
+                [{"token": top["token"], "logprob": top["logprob"]} for top in position.get("top_logprobs") or []]
+                or [{"token": position["token"], "logprob": position["logprob"]}]
+                for position in content
+            ]
+    return output
+
+
+def _completion_logprobs(logprobs: dict[str, Any] | None) -> list[list[Logprob]]:
+    """vLLM's ``{tokens, token_logprobs, top_logprobs}`` → distilabel's per-position top-k lists."""
+    if not logprobs:
+        return []
+    tokens = logprobs.get("tokens") or []
+    chosen = logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
+    result: list[list[Logprob]] = []
+    for token, logprob, top in zip(tokens, chosen, tops, strict=False):
+        if top:
+            result.append([{"token": t, "logprob": lp} for t, lp in top.items()])
+        else:
+            result.append([{"token": token, "logprob": logprob}])
+    return result

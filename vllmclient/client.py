@@ -1,0 +1,515 @@
+"""``ClientvLLM``: distilabel's client for a vLLM server, same fields and results, made robust and fast.
+
+Orchestration only: templating lives in ``formatter``, request bodies in ``_sampling``, sending and
+bulk behaviour in ``_engine``, event-loop plumbing in ``_sync``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import os
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import openai
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
+
+from ._engine import Engine
+from ._sampling import Request, build_request
+from ._server import choose_model, parse_models
+from ._sync import LoopThread
+from .errors import ConfigurationError, GenerationFailedError, InvalidInputError
+from .formatter import ChatFormatter, Conversation, resolve_magpie_template, validate_conversation
+from .results import GenerateOutput
+
+__all__ = ["ClientvLLM"]
+
+logger = logging.getLogger("vllmclient")
+
+# Changing one of these after load() means the SDK client must be rebuilt.
+_CONNECTION_FIELDS = frozenset(
+    {"base_url", "api_key", "max_retries", "timeout", "httpx_client_kwargs", "model", "max_concurrency", "pack_size"}
+)
+_RUNTIME_PARAMETERS = {
+    "base_url": "The base URL of the vLLM server, with or without the trailing /v1.",
+    "api_key": "The API key the server was started with (--api-key); defaults to $VLLM_API_KEY.",
+    "max_retries": "How many times the SDK retries a failed request (connection errors, 408/409/429/5xx).",
+    "timeout": "Seconds to wait for each request before the SDK gives up on it (then retries).",
+    "httpx_client_kwargs": "Extra keyword arguments for the HTTP client the SDK uses (limits, verify, proxy, ...).",
+    "max_concurrency": "The most sequences (prompts x num_generations) in flight at once.",
+}
+_PROGRESS_THRESHOLD = 100
+_DEFAULT_API_KEY = "EMPTY"  # any non-empty string: the SDK refuses to start without a key
+
+
+def _default_api_key() -> SecretStr:
+    return SecretStr(os.environ.get("VLLM_API_KEY") or _DEFAULT_API_KEY)
+
+
+def _api_base(base_url: str) -> str:
+    """Accept both ``http://host:8000`` (distilabel's documented default) and ``http://host:8000/v1``."""
+    url = base_url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+class ClientvLLM(BaseModel):
+    """A client for a vLLM server's OpenAI-compatible API, rendering prompts with the model's chat template.
+
+    A drop-in for ``distilabel.models.llms.ClientvLLM``: same fields, defaults, methods and result
+    shapes. On top: bounded concurrency with prompt packing, per-input error isolation, discovery of
+    the served model, ``tokenizer=None`` for the server's own template, and sync calls that work in
+    notebooks and inside running event loops.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
+
+    model: str | None = None
+    base_url: str = "http://localhost:8000"
+    api_key: SecretStr = Field(default_factory=_default_api_key)
+    max_retries: int = Field(default=6, ge=0)
+    timeout: float = Field(default=120, gt=0)
+    httpx_client_kwargs: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    tokenizer_revision: str | None = None
+    trust_remote_code: bool = False
+    use_magpie_template: bool = False
+    magpie_pre_query_template: str | None = None
+    max_concurrency: int = Field(default=256, ge=1)
+    pack_size: int | None = Field(default=None, ge=1, le=1024)
+    generation_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    _aclient: openai.AsyncOpenAI | None = PrivateAttr(default=None)
+    _tokenizer: Any = PrivateAttr(default=None)
+    _formatter: ChatFormatter | None = PrivateAttr(default=None)
+    _engine: Engine | None = PrivateAttr(default=None)
+    _model_name: str | None = PrivateAttr(default=None)
+    _max_model_len: int | None = PrivateAttr(default=None)
+    _loop: LoopThread = PrivateAttr(default_factory=LoopThread)
+    _loading: asyncio.Task[None] | None = PrivateAttr(default=None)
+
+    # -- validation -------------------------------------------------------------------------------
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                f"base_url must be an http(s) URL such as 'http://localhost:8000/v1', got {value!r}"
+            )
+        return value
+
+    @field_validator("tokenizer", mode="before")
+    @classmethod
+    def _path_to_str(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("magpie_pre_query_template")
+    @classmethod
+    def _resolve_magpie_alias(cls, value: str | None) -> str | None:
+        return resolve_magpie_template(value)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _none_is_default_key(cls, value: Any) -> Any:
+        return _default_api_key() if value is None or value == "" else value
+
+    @model_validator(mode="after")
+    def _check_magpie(self) -> ClientvLLM:
+        if self.use_magpie_template and self.magpie_pre_query_template is None:
+            raise ValueError(
+                "use_magpie_template=True needs magpie_pre_query_template: 'llama3', 'qwen2' or the literal "
+                "text that opens a user turn for this model"
+            )
+        return self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _CONNECTION_FIELDS and self._engine is not None:
+            self._discard_connection()  # rebuilt by the next load() or call
+
+    # -- distilabel's runtime parameters ------------------------------------------------------------
+
+    @property
+    def runtime_parameters_names(self) -> dict[str, Any]:
+        """Parameters settable after construction, name -> optional (as distilabel lists them)."""
+        names: dict[str, Any] = dict.fromkeys(_RUNTIME_PARAMETERS, True)
+        names["generation_kwargs"] = {
+            name: param.default is not inspect.Parameter.empty
+            for name, param in inspect.signature(self.agenerate).parameters.items()
+            if name not in ("input", "num_generations", "vllm_parameters")
+        }
+        return names
+
+    def get_runtime_parameters_info(self) -> list[dict[str, Any]]:
+        info: list[dict[str, Any]] = [
+            {"name": name, "optional": True, "description": text} for name, text in _RUNTIME_PARAMETERS.items()
+        ]
+        info.append(
+            {
+                "name": "generation_kwargs",
+                "description": "The kwargs passed to every generate call (the parameters of agenerate).",
+                "keys": [
+                    {"name": name, "optional": optional}
+                    for name, optional in self.runtime_parameters_names["generation_kwargs"].items()
+                ],
+            }
+        )
+        return info
+
+    def set_runtime_parameters(self, runtime_parameters: Mapping[str, Any]) -> None:
+        """Set runtime parameters by name; ``generation_kwargs`` is merged, unknown names are an error."""
+        for name, value in runtime_parameters.items():
+            if name == "generation_kwargs":
+                self.generation_kwargs = {**self.generation_kwargs, **dict(value)}
+            elif name in _RUNTIME_PARAMETERS:
+                setattr(self, name, value)
+            else:
+                raise InvalidInputError(
+                    f"{name!r} is not a runtime parameter of ClientvLLM; use one of "
+                    f"{', '.join([*_RUNTIME_PARAMETERS, 'generation_kwargs'])}."
+                )
+
+    # -- life cycle --------------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        """The served model's name (discovered by ``load()`` unless ``model`` is set)."""
+        return self._model_name or self.model or ""
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The model's context length as the server reports it, known after ``load()``."""
+        return self._max_model_len
+
+    def load(self) -> None:
+        """Connect: build the SDK client, load the tokenizer, discover the model. Safe to call again."""
+        if self._engine is None:
+            self._loop.run(self._setup())
+
+    async def aload(self) -> None:
+        if self._engine is None:
+            await self._loop.arun(self._setup())
+
+    async def _setup(self) -> None:
+        """Runs on the private loop; concurrent first calls share one loading task."""
+        if self._engine is not None:
+            return
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.ensure_future(self._connect())
+        loading = self._loading
+        try:
+            await asyncio.shield(loading)
+        finally:
+            if loading.done():
+                self._loading = None
+
+    async def _connect(self) -> None:
+        if self.tokenizer is None and self.use_magpie_template:
+            raise ConfigurationError(
+                "Magpie needs the raw prompt, which only a client-side chat template gives: pass tokenizer=..."
+            )
+        if self.tokenizer is not None and self._formatter is None:
+            self._formatter = ChatFormatter.from_pretrained(
+                self.tokenizer,
+                revision=self.tokenizer_revision,
+                trust_remote_code=self.trust_remote_code,
+                magpie_pre_query_template=self.magpie_pre_query_template if self.use_magpie_template else None,
+            )
+            self._tokenizer = self._formatter.tokenizer
+        api_base = _api_base(self.base_url)
+        aclient = openai.AsyncOpenAI(
+            base_url=api_base,
+            api_key=self.api_key.get_secret_value(),
+            max_retries=self.max_retries,
+            timeout=self.timeout,
+            http_client=openai.DefaultAioHttpClient(**(self.httpx_client_kwargs or {})),
+        )
+        engine = Engine(
+            aclient,
+            base_url=api_base,
+            served_models=[],
+            max_concurrency=self.max_concurrency,
+            pack_size=self.pack_size,
+        )
+        try:
+            cards = parse_models(await engine.get("/models"))
+            name, max_len = choose_model(cards, self.model, api_base)
+        except BaseException:
+            await aclient.close()
+            raise
+        engine.served_models = [card.id for card in cards]
+        self._aclient, self._engine = aclient, engine
+        self._model_name, self._max_model_len = name, max_len
+        logger.info("vllmclient: using model %r at %s (max_model_len=%s)", name, api_base, max_len)
+
+    def _discard_connection(self) -> None:
+        aclient = self._aclient
+        self._aclient = self._engine = None
+        if aclient is not None and self._loop._loop is not None:
+            asyncio.run_coroutine_threadsafe(aclient.close(), self._loop.loop)
+
+    def close(self) -> None:
+        """Release connections and the private loop's thread; ``load()`` (or any call) reconnects."""
+        aclient = self._aclient
+        self._aclient = self._engine = None
+        if aclient is not None:
+            self._loop.run(aclient.close())
+        self._loop.stop()
+
+    unload = close  # distilabel's name
+
+    async def aclose(self) -> None:
+        aclient = self._aclient
+        self._aclient = self._engine = None
+        if aclient is not None:
+            await self._loop.arun(aclient.close())
+        self._loop.stop()
+
+    def __enter__(self) -> Self:
+        self.load()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        await self.aload()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- generation --------------------------------------------------------------------------------
+
+    async def agenerate(
+        self,
+        input: Conversation,
+        num_generations: int = 1,
+        max_new_tokens: int = 128,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[str, float] | None = None,
+        presence_penalty: float = 0.0,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        stop_token_ids: list[int] | None = None,
+        include_stop_str_in_output: bool | None = None,
+        min_tokens: int | None = None,
+        ignore_eos: bool | None = None,
+        skip_special_tokens: bool | None = None,
+        logprobs: int | None = None,
+        extra_body: dict[str, Any] | None = None,
+    ) -> GenerateOutput:
+        """Generate ``num_generations`` completions for one conversation; raises on failure.
+
+        vLLM parameters left as ``None`` are not sent, so the model's generation config applies.
+        ``extra_body`` is merged into the request as is (e.g. ``structured_outputs``).
+        """
+        params = {k: v for k, v in locals().items() if k not in ("self", "input")}
+        return await self._loop.arun(self._agenerate_one(input, params))
+
+    async def _agenerate_one(self, conversation: Conversation, params: dict[str, Any]) -> GenerateOutput:
+        await self._setup()
+        assert self._engine is not None
+        request = self._request(params)
+        return await self._engine.one(self._prepare(request)(0, conversation), request)
+
+    def generate(
+        self,
+        inputs: Iterable[Conversation],
+        num_generations: int = 1,
+        *,
+        strict: bool = False,
+        progress: bool | None = None,
+        **kwargs: Any,
+    ) -> list[GenerateOutput]:
+        """Generate for every input; results in input order, one ``GenerateOutput`` each.
+
+        An input that fails gets ``None`` generations and an ``"error"`` record; the others are
+        unaffected. With ``strict=True`` a ``GenerationFailedError`` listing the failures is raised at
+        the end instead (its ``results`` keep every output). ``progress`` shows a bar (default: for
+        100 inputs or more). ``kwargs`` are ``agenerate``'s sampling parameters.
+        """
+        return self._loop.run(self._collect(inputs, num_generations, strict, progress, kwargs))
+
+    def generate_outputs(
+        self,
+        inputs: Iterable[Conversation],
+        num_generations: int = 1,
+        *,
+        strict: bool = False,
+        progress: bool | None = None,
+        **kwargs: Any,
+    ) -> list[list[str | None]]:
+        """Like ``generate``, returning only the texts: one list of ``num_generations`` per input."""
+        outputs = self.generate(inputs, num_generations, strict=strict, progress=progress, **kwargs)
+        return [output["generations"] for output in outputs]
+
+    async def aiter_generate(
+        self,
+        inputs: Iterable[Conversation],
+        num_generations: int = 1,
+        *,
+        progress: bool | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[tuple[int, GenerateOutput]]:
+        """Yield ``(index, output)`` as each input completes, for jobs too large to hold in memory.
+
+        Inputs are read lazily (a generator reading a file is fine) and only as fast as results are
+        consumed. Failed inputs are yielded with an ``"error"`` record, never raised.
+        """
+        loop = asyncio.get_running_loop()
+        if loop is self._loop._loop:
+            async for batch in self._stream(inputs, num_generations, progress, kwargs):
+                for item in batch:
+                    yield item
+            return
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
+        end = object()
+
+        async def put(item: Any) -> None:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(queue.put(item), loop))
+
+        async def pump() -> None:
+            try:
+                async for batch in self._stream(inputs, num_generations, progress, kwargs):
+                    await put(batch)
+            except Exception as exc:
+                await put(exc)
+                raise
+            else:
+                await put(end)
+
+        future = asyncio.run_coroutine_threadsafe(pump(), self._loop.loop)
+        try:
+            while True:
+                batch = await queue.get()
+                if batch is end:
+                    return
+                if isinstance(batch, BaseException):
+                    raise batch
+                for item in batch:
+                    yield item
+        finally:
+            future.cancel()
+
+    async def _collect(
+        self,
+        inputs: Iterable[Conversation],
+        num_generations: int,
+        strict: bool,
+        progress: bool | None,
+        kwargs: dict[str, Any],
+    ) -> list[GenerateOutput]:
+        results: dict[int, GenerateOutput] = {}
+        async for batch in self._stream(inputs, num_generations, progress, kwargs):
+            for index, output in batch:
+                results[index] = output
+        ordered = [results[index] for index in range(len(results))]
+        if strict:
+            failures = [output["error"] for output in ordered if "error" in output]
+            if failures:
+                raise GenerationFailedError(failures, len(ordered), results=ordered)
+        return ordered
+
+    async def _stream(
+        self,
+        inputs: Iterable[Conversation],
+        num_generations: int,
+        progress: bool | None,
+        kwargs: dict[str, Any],
+    ) -> AsyncIterator[list[tuple[int, GenerateOutput]]]:
+        """Runs on the private loop: yields batches of ``(index, output)`` as packs complete."""
+        if isinstance(inputs, (str, bytes, Mapping)) or not isinstance(inputs, Iterable):
+            raise InvalidInputError(
+                f"inputs must be a list (or any iterable) of conversations, got {type(inputs).__name__}."
+            )
+        await self._setup()
+        assert self._engine is not None
+        request = self._request({**self.generation_kwargs, **kwargs, "num_generations": num_generations})
+        bar = _progress_bar(inputs, progress)
+        errors = 0
+        try:
+            async for batch in self._engine.stream(inputs, request, self._prepare(request)):
+                if bar is not None:
+                    failed = sum(1 for _, output in batch if "error" in output)
+                    if failed:
+                        errors += failed
+                        bar.set_postfix(errors=errors, refresh=False)
+                    bar.update(len(batch))
+                yield batch
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _request(self, params: dict[str, Any]) -> Request:
+        signature = _agenerate_signature()
+        unknown = [name for name in params if name not in signature.parameters or name in ("self", "input")]
+        if unknown:
+            raise InvalidInputError(
+                f"unknown generation parameter(s) {', '.join(map(repr, unknown))}; known: "
+                f"{', '.join(n for n in signature.parameters if n not in ('self', 'input'))}. "
+                "Pass other vLLM fields in extra_body={...}."
+            )
+        bound = signature.bind(self, None, **params)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        openai_names = ("max_new_tokens", "frequency_penalty", "logit_bias", "presence_penalty", "temperature", "top_p")
+        return build_request(
+            model=self.model_name,
+            chat=self._formatter is None,
+            num_generations=values["num_generations"],
+            extra_body=values["extra_body"],
+            vllm={k: v for k, v in values.items() if k not in (*openai_names, "self", "input", "num_generations", "extra_body")},
+            **{k: values[k] for k in openai_names},
+        )
+
+    def _prepare(self, request: Request) -> Any:
+        """The per-input step: validate, then render the prompt and check its length (or pass messages)."""
+        formatter, max_len = self._formatter, self._max_model_len
+        if formatter is None:
+
+            def as_messages(index: int, conversation: Any) -> Any:
+                validate_conversation(conversation, index)
+                return conversation
+
+            return as_messages
+        allow_empty = formatter.magpie_pre_query_template is not None
+
+        def as_prompt(index: int, conversation: Any) -> str:
+            validate_conversation(conversation, index, allow_empty=allow_empty)
+            prompt = formatter.render(conversation)
+            formatter.check_length(prompt, max_len, index)
+            return prompt
+
+        return as_prompt
+
+    def __repr_args__(self) -> Any:  # keep the key out of reprs and logs even if unmasked somewhere
+        for name, value in super().__repr_args__():
+            yield name, ("**********" if name == "api_key" else value)
+
+
+@functools.cache
+def _agenerate_signature() -> inspect.Signature:
+    return inspect.signature(ClientvLLM.agenerate)
+
+
+def _progress_bar(inputs: Iterable[Any], progress: bool | None) -> Any:
+    total = len(inputs) if isinstance(inputs, Sequence) else None
+    if progress is None:
+        progress = total is None or total >= _PROGRESS_THRESHOLD
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="vllmclient", unit="input", dynamic_ncols=True)
+

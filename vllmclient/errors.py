@@ -1,0 +1,194 @@
+"""The exceptions vllmclient raises, as one tree, so callers can catch as narrowly as they need.
+
+::
+
+    VLLMClientError                  anything raised by vllmclient
+    ├── ConfigurationError           a field or the environment cannot work (tokenizer, model choice)
+    ├── InvalidInputError            a conversation or a sampling parameter is malformed (also ValueError)
+    ├── APIError                     the server answered with an error, or could not be reached
+    │   ├── ServerUnreachableError   no connection or no answer in time, after the SDK's retries
+    │   ├── AuthenticationError      401/403: missing or wrong API key
+    │   ├── ModelNotFoundError       404: the model is not served
+    │   ├── BadRequestError          400/422: the server rejected the request
+    │   │   └── PromptTooLongError   a prompt exceeds the model's context (also raised before sending)
+    │   └── ServerError              5xx, after the SDK's retries
+    ├── GenerationFailedError        strict mode: some inputs failed; holds every failure
+    └── LocalServerError             the local vLLM server would not start or died
+
+Every ``APIError`` keeps the server's own ``message``, the HTTP ``status_code`` and the ``request_id``
+when the server sent one; the SDK exception it wraps is its ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .results import GenerationError
+
+__all__ = [
+    "APIError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConfigurationError",
+    "GenerationFailedError",
+    "InvalidInputError",
+    "LocalServerError",
+    "ModelNotFoundError",
+    "PromptTooLongError",
+    "ServerError",
+    "ServerUnreachableError",
+    "VLLMClientError",
+]
+
+
+class VLLMClientError(Exception):
+    """Base class of every exception vllmclient raises."""
+
+
+class ConfigurationError(VLLMClientError):
+    """A setting cannot work: a tokenizer without a chat template, an ambiguous model, ..."""
+
+
+class InvalidInputError(VLLMClientError, ValueError):
+    """An input conversation or a sampling parameter is malformed; nothing was sent for it."""
+
+
+class LocalServerError(VLLMClientError):
+    """The local vLLM server failed to start or stopped unexpectedly; the message holds its log tail."""
+
+
+class APIError(VLLMClientError):
+    """The server answered with an error, or could not be reached."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        request_id: str | None = None,
+        body: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.request_id = request_id
+        self.body = body
+
+
+class ServerUnreachableError(APIError):
+    """No connection, or no answer within the timeout, after the SDK's retries."""
+
+
+class AuthenticationError(APIError):
+    """The server wants an API key (``vllm serve --api-key``) and got none or a wrong one."""
+
+
+class ModelNotFoundError(APIError):
+    """The requested model is not among the served ones; ``served_models`` lists those."""
+
+    def __init__(self, message: str, *, served_models: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.served_models = list(served_models)
+
+
+class BadRequestError(APIError):
+    """The server rejected the request as malformed (HTTP 400 or 422)."""
+
+
+class PromptTooLongError(BadRequestError):
+    """A prompt does not fit the model's context; ``max_model_len`` and ``prompt_tokens`` say by how much."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        max_model_len: int | None = None,
+        prompt_tokens: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.max_model_len = max_model_len
+        self.prompt_tokens = prompt_tokens
+
+
+class ServerError(APIError):
+    """The server failed (HTTP 5xx) and the SDK's retries did not help."""
+
+
+class GenerationFailedError(VLLMClientError):
+    """Raised at the end of a strict bulk call: the other inputs finished, these did not."""
+
+    def __init__(
+        self, failures: Sequence[GenerationError], total: int, *, results: Sequence[Any] = ()
+    ) -> None:
+        self.failures = list(failures)
+        self.total = total
+        self.results = list(results)  # every input's output, failed ones included: nothing is lost
+        lines = [f"{len(self.failures)} of {total} inputs failed:"]
+        for failure in self.failures[:10]:
+            lines.append(f"  input {failure.index}: {failure.type}: {failure.message}")
+        if len(self.failures) > 10:
+            lines.append(f"  ... and {len(self.failures) - 10} more (see .failures)")
+        super().__init__("\n".join(lines))
+
+
+_CONTEXT_NUMBERS = re.compile(
+    r"maximum context length is (\d+) tokens.*?contains (?:at least )?(\d+) input tokens", re.DOTALL
+)
+
+
+def from_openai(exc: BaseException, *, base_url: str, served_models: Sequence[str] = ()) -> APIError:
+    """Translate an openai SDK exception into ours, keeping the server's words and status."""
+    import openai
+
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        what = "did not answer in time" if isinstance(exc, openai.APITimeoutError) else "could not be reached"
+        return ServerUnreachableError(
+            f"The vLLM server at {base_url} {what} ({exc.__class__.__name__}: {exc}). "
+            "Is it running? Start one with `vllm serve <model>` (or vllmclient.LocalServer) and check base_url."
+        )
+    if not isinstance(exc, openai.APIStatusError):
+        return APIError(str(exc) or exc.__class__.__name__, body=getattr(exc, "body", None))
+
+    status = exc.status_code
+    body = exc.body
+    server_message = body.get("message") if isinstance(body, dict) else body
+    if not isinstance(server_message, str) or not server_message:
+        server_message = exc.response.text or exc.message
+    common: dict[str, Any] = {"status_code": status, "request_id": exc.request_id, "body": body}
+    if status in (401, 403):
+        return AuthenticationError(
+            f"The vLLM server at {base_url} refused the API key (HTTP {status}: {server_message}). "
+            "Pass api_key=... or set VLLM_API_KEY to the key the server was started with (--api-key).",
+            **common,
+        )
+    if status == 404:
+        hint = f" Served models: {', '.join(served_models)}." if served_models else ""
+        if isinstance(body, dict) and body.get("param") == "model" or "does not exist" in server_message:
+            return ModelNotFoundError(
+                f"{server_message}{hint} Pass model=... with one of the served names.",
+                served_models=served_models,
+                **common,
+            )
+        return ModelNotFoundError(
+            f"HTTP 404 from {base_url}: {server_message}. Is base_url the vLLM server's address "
+            "(e.g. http://localhost:8000/v1)?",
+            served_models=served_models,
+            **common,
+        )
+    if status in (400, 413, 422):
+        match = _CONTEXT_NUMBERS.search(server_message)
+        if match:
+            return PromptTooLongError(
+                f"{server_message} Shorten this input or serve the model with a larger --max-model-len.",
+                max_model_len=int(match.group(1)),
+                prompt_tokens=int(match.group(2)),
+                **common,
+            )
+        return BadRequestError(f"The server rejected the request (HTTP {status}): {server_message}", **common)
+    if status >= 500:
+        return ServerError(f"The vLLM server failed (HTTP {status}): {server_message}", **common)
+    return APIError(f"HTTP {status} from {base_url}: {server_message}", **common)

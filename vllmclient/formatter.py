@@ -1,0 +1,156 @@
+"""Conversation → raw prompt, with the model's own Hugging Face chat template.
+
+Rendering on the client (rather than letting the server do it through /v1/chat/completions) is what
+makes Magpie possible: the prompt can end anywhere, e.g. on an open user turn.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigurationError, InvalidInputError, PromptTooLongError
+
+__all__ = [
+    "MAGPIE_PRE_QUERY_TEMPLATES",
+    "ChatFormatter",
+    "Conversation",
+    "Message",
+    "validate_conversation",
+]
+
+logger = logging.getLogger("vllmclient")
+
+Message = Mapping[str, Any]
+Conversation = Sequence[Message]
+
+KNOWN_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+
+MAGPIE_PRE_QUERY_TEMPLATES = {
+    "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
+    "qwen2": "<|im_start|>user\n",
+}
+
+
+def validate_conversation(conversation: Any, index: int = 0, *, allow_empty: bool = False) -> None:
+    """Raise InvalidInputError naming the input and message at fault, before anything is sent."""
+    where = f"input {index}"
+    if isinstance(conversation, (str, bytes)) or not isinstance(conversation, Sequence):
+        raise InvalidInputError(
+            f"{where}: expected a conversation (a list of {{'role': ..., 'content': ...}} dicts), "
+            f"got {type(conversation).__name__}. Wrap a single prompt as [{{'role': 'user', 'content': text}}]."
+        )
+    if not conversation and not allow_empty:
+        raise InvalidInputError(
+            f"{where}: the conversation is empty. Give at least one message, or enable Magpie "
+            "(use_magpie_template=True) to generate from an empty conversation."
+        )
+    for position, message in enumerate(conversation):
+        at = f"{where}, message {position}"
+        if not isinstance(message, Mapping):
+            raise InvalidInputError(f"{at}: expected a dict with 'role' and 'content', got {type(message).__name__}.")
+        role = message.get("role")
+        if role not in KNOWN_ROLES:
+            raise InvalidInputError(
+                f"{at}: unknown role {role!r}; use one of {', '.join(sorted(KNOWN_ROLES))}."
+            )
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise InvalidInputError(
+                f"{at}: 'content' must be a str, got {type(content).__name__}. "
+                "Convert it to text before sending."
+            )
+
+
+def resolve_magpie_template(template: str | None) -> str | None:
+    """Map the ``llama3`` / ``qwen2`` aliases to their pre-query strings; anything else is literal."""
+    if template is None:
+        return None
+    return MAGPIE_PRE_QUERY_TEMPLATES.get(template, template)
+
+
+class ChatFormatter:
+    """Renders conversations with a tokenizer's chat template, and checks prompt lengths."""
+
+    def __init__(self, tokenizer: Any, *, magpie_pre_query_template: str | None = None) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigurationError(
+                f"The tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template, so "
+                "conversations cannot be turned into prompts. Use an instruct/chat model's tokenizer, "
+                "set tokenizer.chat_template, or pass tokenizer=None to let the server apply its template."
+            )
+        self.tokenizer = tokenizer
+        self.magpie_pre_query_template = resolve_magpie_template(magpie_pre_query_template)
+        self._bos = getattr(tokenizer, "bos_token", None) or ""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        magpie_pre_query_template: str | None = None,
+    ) -> ChatFormatter:
+        """Load a tokenizer by Hugging Face repo id or local path (transformers is imported only here)."""
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as exc:  # pragma: no cover - transformers is a dependency
+            raise ConfigurationError("tokenizer=... needs the 'transformers' package: pip install transformers") from exc
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(
+                f"Could not load the tokenizer {str(name_or_path)!r}"
+                f"{f' at revision {revision!r}' if revision else ''}: {exc}. Check the repo id or path; "
+                "offline, the files must be in the local Hugging Face cache or in that folder."
+            ) from exc
+        return cls(tokenizer, magpie_pre_query_template=magpie_pre_query_template)
+
+    def render(self, conversation: Conversation) -> str:
+        """The raw prompt for /v1/completions: the chat template, then Magpie's pre-query if it applies.
+
+        With Magpie on and a conversation that does not end on a user turn, the template is rendered
+        without a generation prompt (an open assistant header followed by a user header would confuse
+        the model), and the pre-query opens the next user turn; its BOS is dropped mid-conversation.
+        """
+        magpie = self.magpie_pre_query_template
+        if magpie is not None and (not conversation or conversation[-1]["role"] != "user"):
+            if not conversation:
+                return magpie
+            prompt = self._apply(conversation, add_generation_prompt=False)
+            if self._bos and magpie.startswith(self._bos) and prompt.startswith(self._bos):
+                magpie = magpie[len(self._bos) :]
+            return prompt + magpie
+        return self._apply(conversation, add_generation_prompt=True)
+
+    def _apply(self, conversation: Conversation, *, add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            list(conversation), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def count_tokens(self, prompt: str) -> int:
+        """Token count of a rendered prompt as the server sees it (``add_special_tokens: false``)."""
+        return len(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+    def check_length(self, prompt: str, max_model_len: int | None, index: int) -> None:
+        """Fail an over-long prompt before sending it; cheap unless the prompt could be too long.
+
+        Byte-level tokens cover at least one byte each, so a prompt of at most ``max_model_len`` UTF-8
+        bytes cannot exceed the context and is never tokenized here.
+        """
+        if max_model_len is None or len(prompt) * 4 <= max_model_len or len(prompt.encode()) <= max_model_len:
+            return
+        count = self.count_tokens(prompt)
+        if count > max_model_len:
+            raise PromptTooLongError(
+                f"input {index}: the prompt has {count} tokens but the model's maximum context length is "
+                f"{max_model_len} tokens (before any output). Shorten this input or serve the model with a "
+                "larger --max-model-len.",
+                max_model_len=max_model_len,
+                prompt_tokens=count,
+            )

@@ -1,0 +1,74 @@
+"""Result shapes: distilabel's ``GenerateOutput`` (so existing pipelines read ours unchanged) and the
+record of a failed input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NotRequired, TypedDict
+
+__all__ = ["GenerateOutput", "GenerationError", "Logprob", "Statistics"]
+
+
+class Logprob(TypedDict):
+    token: str
+    logprob: float
+
+
+class Statistics(TypedDict):
+    """One entry per generation, exact counts as the server tokenized them (``None`` when unknown)."""
+
+    input_tokens: list[int | None]
+    output_tokens: list[int | None]
+
+
+class GenerateOutput(TypedDict):
+    """What ``agenerate`` returns for one input and ``generate`` for each input.
+
+    ``generations``, ``finish_reasons`` and each ``statistics`` list have one entry per generation.
+    ``logprobs`` is present only when requested; ``error`` only when the input failed (its generations
+    are then ``None``).
+    """
+
+    generations: list[str | None]
+    statistics: Statistics
+    finish_reasons: list[str | None]
+    logprobs: NotRequired[list[list[list[Logprob]]]]
+    error: NotRequired[GenerationError]
+
+
+@dataclass(frozen=True)
+class GenerationError:
+    """Why one input of a bulk call failed; the other inputs are unaffected."""
+
+    index: int
+    type: str
+    message: str
+    status_code: int | None = None
+    request_id: str | None = None
+    exception: BaseException | None = None
+
+    @classmethod
+    def from_exception(cls, index: int, exc: BaseException) -> GenerationError:
+        return cls(
+            index=index,
+            type=exc.__class__.__name__,
+            message=str(exc),
+            status_code=getattr(exc, "status_code", None),
+            request_id=getattr(exc, "request_id", None),
+            exception=exc,
+        )
+
+    def __repr__(self) -> str:
+        status = f", status_code={self.status_code}" if self.status_code is not None else ""
+        return f"GenerationError(index={self.index}, type={self.type!r}{status}, message={self.message!r})"
+
+
+def failed_output(num_generations: int, error: GenerationError) -> GenerateOutput:
+    """The placeholder for an input that failed: ``None`` in every per-generation slot."""
+    nones: list[Any] = [None] * num_generations
+    return {
+        "generations": list(nones),
+        "statistics": {"input_tokens": list(nones), "output_tokens": list(nones)},
+        "finish_reasons": list(nones),
+        "error": error,
+    }
