@@ -493,6 +493,16 @@ class ClientvLLM(BaseModel):
 
         return as_prompt
 
+    def __getstate__(self) -> dict[Any, Any]:
+        """Pickle the configuration only (for multiprocessing): connections and threads are per process."""
+        state = super().__getstate__()
+        state["__pydantic_private__"] = None
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        self.model_post_init(None)  # fresh private state; load() reconnects
+
     def __repr_args__(self) -> Any:  # keep the key out of reprs and logs even if unmasked somewhere
         for name, value in super().__repr_args__():
             yield name, ("**********" if name == "api_key" else value)

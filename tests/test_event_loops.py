@@ -1,0 +1,92 @@
+"""Sync calls from scripts, from inside running loops (Jupyter, asyncio.run), repeatedly, mixed with async."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from vllmclient import ClientvLLM
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture
+def llm(fake_vllm, tokenizer_dir):
+    client = ClientvLLM(base_url=fake_vllm.base_url, tokenizer=tokenizer_dir)
+    yield client
+    client.close()
+
+
+def test_sync_calls_many_times_in_a_row(llm):
+    for i in range(5):
+        assert llm.generate_outputs([user(f"[[r{i}]] go")])[0][0].startswith(f"r{i}")
+
+
+def test_sync_call_inside_a_running_loop(llm):
+    """What a Jupyter cell does: a synchronous call while the kernel's loop is running."""
+
+    async def cell() -> list[list[str | None]]:
+        asyncio.get_running_loop()  # we are inside a running loop
+        return llm.generate_outputs([user("[[nb]] hi")])
+
+    assert asyncio.run(cell())[0][0].startswith("nb")
+    assert asyncio.run(cell())[0][0].startswith("nb")  # and again, in a second loop
+
+
+@pytest.mark.asyncio
+async def test_sync_call_from_pytest_asyncio_loop(llm):
+    assert llm.generate_outputs([user("[[pa]] x")])[0][0].startswith("pa")
+    output = await llm.agenerate(user("[[pb]] x"))
+    assert output["generations"][0].startswith("pb")
+
+
+def test_async_calls_in_successive_event_loops(llm):
+    """An SDK client reused across loops fails with 'Event loop is closed'; ours must not."""
+    for i in range(3):
+        output = asyncio.run(llm.agenerate(user(f"[[l{i}]] x")))
+        assert output["generations"][0].startswith(f"l{i}")
+
+
+def test_mixing_sync_and_async_and_threads(llm):
+    async def main() -> list[str]:
+        texts = [llm.generate_outputs([user("[[s]] x")])[0][0]]
+        outputs = await asyncio.gather(*(llm.agenerate(user(f"[[g{i}]] x")) for i in range(20)))
+        texts += [o["generations"][0] for o in outputs]
+        async for _, output in llm.aiter_generate([user("[[it]] x")], progress=False):
+            texts.append(output["generations"][0])
+        return texts
+
+    texts = asyncio.run(main())
+    assert texts[0].startswith("s") and texts[-1].startswith("it")
+    assert [t.split()[0] for t in texts[1:21]] == [f"g{i}" for i in range(20)]
+
+    results: list[str] = []
+    threads = [
+        threading.Thread(target=lambda i=i: results.append(llm.generate_outputs([user(f"[[t{i}]] x")])[0][0]))
+        for i in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(t.split()[0] for t in results) == ["t0", "t1", "t2", "t3"]
+
+
+@pytest.mark.asyncio
+async def test_async_context_manager(fake_vllm, tokenizer_dir):
+    async with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=tokenizer_dir) as llm:
+        output = await llm.agenerate(user("[[ac]] x"))
+        assert output["generations"][0].startswith("ac")
+    assert llm._aclient is None
+
+
+def test_no_global_asyncio_patching(llm):
+    import sys
+
+    llm.generate_outputs([user("x")])
+    assert "nest_asyncio" not in sys.modules
+    assert asyncio.run.__module__ == "asyncio.runners"
