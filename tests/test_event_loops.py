@@ -90,3 +90,32 @@ def test_no_global_asyncio_patching(llm):
     llm.generate_outputs([user("x")])
     assert "nest_asyncio" not in sys.modules
     assert asyncio.run.__module__ == "asyncio.runners"
+
+
+def test_client_dropped_without_close_cleans_up(tokenizer_dir, tmp_path):
+    """No 'Unclosed client session' noise and no leftover thread when a user forgets close()."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "forget.py"
+    script.write_text(
+        "import gc, sys, threading\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from fake_vllm import FakeVLLM\n"
+        "from vllmclient import ClientvLLM\n"
+        f"server = FakeVLLM({str(tokenizer_dir)!r}).start()\n"
+        "def job():\n"
+        f"    llm = ClientvLLM(base_url=server.base_url, tokenizer={str(tokenizer_dir)!r})\n"
+        "    return llm.generate_outputs([[{'role': 'user', 'content': 'hi'}]])\n"
+        "assert job()[0][0]\n"
+        "gc.collect()\n"
+        "assert not [t for t in threading.enumerate() if t.name == 'vllmclient'], threading.enumerate()\n"
+        "kept = ClientvLLM(base_url=server.base_url, tokenizer=" + repr(str(tokenizer_dir)) + ")\n"
+        "assert kept.generate_outputs([[{'role': 'user', 'content': 'hi'}]])[0][0]\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+    assert "Unclosed" not in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -23,6 +23,11 @@ class LoopThread:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._closers: list[Callable[[], Coroutine[Any, Any, Any]]] = []
+
+    def add_closer(self, closer: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Have ``stop()`` await ``closer()`` on the loop first (e.g. an HTTP client's ``close``)."""
+        self._closers.append(closer)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -70,10 +75,22 @@ class LoopThread:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     def stop(self) -> None:
+        """Close what was registered, then end the thread; safe to call twice, and at interpreter exit."""
         with self._lock:
-            loop, thread = self._loop, self._thread
+            loop, thread, closers = self._loop, self._thread, self._closers
             self._loop = self._thread = None
-        if loop is not None and thread is not None and thread.is_alive():
-            loop.call_soon_threadsafe(loop.stop)
-            if threading.current_thread() is not thread:
-                thread.join(timeout=10)
+            self._closers = []
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        if threading.current_thread() is thread:
+            loop.call_soon(loop.stop)
+            return
+        if closers:
+            done = asyncio.run_coroutine_threadsafe(_close_all(closers), loop)
+            concurrent.futures.wait([done], timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+
+async def _close_all(closers: list[Callable[[], Coroutine[Any, Any, Any]]]) -> None:
+    await asyncio.gather(*(closer() for closer in closers), return_exceptions=True)

@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 import os
+import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -30,9 +31,12 @@ __all__ = ["ClientvLLM"]
 
 logger = logging.getLogger("vllmclient")
 
-# Changing one of these after load() means the SDK client must be rebuilt.
+# Changing one of these after load() means the SDK client (and, for the second set, the tokenizer) is rebuilt.
 _CONNECTION_FIELDS = frozenset(
     {"base_url", "api_key", "max_retries", "timeout", "httpx_client_kwargs", "model", "max_concurrency", "pack_size"}
+)
+_FORMATTER_FIELDS = frozenset(
+    {"tokenizer", "tokenizer_revision", "trust_remote_code", "use_magpie_template", "magpie_pre_query_template"}
 )
 _RUNTIME_PARAMETERS = {
     "base_url": "The base URL of the vLLM server, with or without the trailing /v1.",
@@ -127,9 +131,15 @@ class ClientvLLM(BaseModel):
             )
         return self
 
+    def model_post_init(self, context: Any, /) -> None:
+        # A client dropped without close() still closes its connections and stops its thread.
+        weakref.finalize(self, self._loop.stop)
+
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        if name in _CONNECTION_FIELDS and self._engine is not None:
+        if name in _FORMATTER_FIELDS:
+            self._formatter = self._tokenizer = None
+        if (name in _CONNECTION_FIELDS or name in _FORMATTER_FIELDS) and self._engine is not None:
             self._discard_connection()  # rebuilt by the next load() or call
 
     # -- distilabel's runtime parameters ------------------------------------------------------------
@@ -243,32 +253,25 @@ class ClientvLLM(BaseModel):
             await aclient.close()
             raise
         engine.served_models = [card.id for card in cards]
+        self._loop.add_closer(aclient.close)
         self._aclient, self._engine = aclient, engine
         self._model_name, self._max_model_len = name, max_len
         logger.info("vllmclient: using model %r at %s (max_model_len=%s)", name, api_base, max_len)
 
     def _discard_connection(self) -> None:
-        aclient = self._aclient
         self._aclient = self._engine = None
-        if aclient is not None and self._loop._loop is not None:
-            asyncio.run_coroutine_threadsafe(aclient.close(), self._loop.loop)
+        self._loop.stop()  # closes the SDK client; the next call reconnects
 
     def close(self) -> None:
         """Release connections and the private loop's thread; ``load()`` (or any call) reconnects."""
-        aclient = self._aclient
         self._aclient = self._engine = None
-        if aclient is not None:
-            self._loop.run(aclient.close())
         self._loop.stop()
 
     unload = close  # distilabel's name
 
     async def aclose(self) -> None:
-        aclient = self._aclient
         self._aclient = self._engine = None
-        if aclient is not None:
-            await self._loop.arun(aclient.close())
-        self._loop.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self._loop.stop)
 
     def __enter__(self) -> Self:
         self.load()
