@@ -19,6 +19,7 @@ from .errors import (
     VLLMClientError,
 )
 from .formatter import ChatFormatter
+from .local_server import LocalServer
 from .results import GenerateOutput, GenerationError
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "GenerationError",
     "GenerationFailedError",
     "InvalidInputError",
+    "LocalServer",
     "LocalServerError",
     "ModelNotFoundError",
     "PromptTooLongError",

@@ -1,0 +1,233 @@
+"""LocalServer against the real vLLM CPU server (needs scripts/setup-vllm.sh).
+
+The shared server starts once for the module (~30 s, plus ~30 s to build the
+tiny model the first time); three more short-lived starts cover the failure
+and clean-up paths. Without a vLLM interpreter the module is skipped, except
+under CI (``$CI`` set), where that is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vllmclient.local_server import (
+    LocalServer,
+    LocalServerError,
+    _group_alive,
+    resolve_server_python,
+)
+from vllmclient.tiny_model import DEFAULT_SERVED_NAME, default_model_dir, render_chat
+
+pytestmark = pytest.mark.integration
+
+
+def _has_vllm(python: str) -> bool:
+    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 1)"
+    try:
+        return subprocess.run([python, "-c", probe], check=False, timeout=60).returncode == 0
+    except OSError:
+        return False
+
+
+SERVER_PYTHON = resolve_server_python()
+if not _has_vllm(SERVER_PYTHON) and not os.environ.get("CI"):
+    pytest.skip(
+        f"{SERVER_PYTHON} has no vllm: run scripts/setup-vllm.sh", allow_module_level=True
+    )
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def _wait_group_gone(pgid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return True
+        time.sleep(0.1)
+    return not _group_alive(pgid)
+
+
+def _server_pids(port: str) -> list[int]:
+    """Live (non-zombie) vLLM API servers started with ``--port PORT``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if b"vllm.entrypoints.openai.api_server" in args and port.encode() in args and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_python_without_vllm_is_a_clear_error(tmp_path: Path) -> None:
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(LocalServerError, match="setup-vllm.sh"):
+        LocalServer(tmp_path, python=fake).start()
+
+
+def test_startup_deadline_stops_the_group() -> None:
+    srv = LocalServer(python=SERVER_PYTHON, startup_timeout=2)
+    started = time.monotonic()
+    with pytest.raises(LocalServerError, match="not healthy after 2 s"):
+        srv.start()
+    assert time.monotonic() - started < 60
+    assert srv.pid is not None and _wait_group_gone(srv.pid)
+
+
+def test_bad_model_dir_raises_with_log_tail(tmp_path: Path) -> None:
+    bad = tmp_path / "broken-model"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    srv = LocalServer(bad, python=SERVER_PYTHON, startup_timeout=240)
+    with pytest.raises(LocalServerError) as info:
+        srv.start()
+    message = str(info.value)
+    assert "exited with code" in message
+    assert str(srv.log_path) in message
+    tail = message.split(":\n", 1)[1]
+    assert tail.strip() and tail.strip() in srv.log_path.read_text()
+    assert srv.pid is not None and _wait_group_gone(srv.pid)
+    assert not srv.running
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LocalServer]:
+    with LocalServer(python=SERVER_PYTHON) as srv:
+        yield srv
+
+
+def test_attributes(server: LocalServer) -> None:
+    assert server.running
+    assert isinstance(server.port, int)
+    assert server.root_url == f"http://127.0.0.1:{server.port}"
+    assert server.base_url == server.root_url + "/v1"
+    assert server.served_model_name == DEFAULT_SERVED_NAME
+    assert server.model_dir == default_model_dir()
+    assert (server.model_dir / "model.safetensors").is_file()
+    assert isinstance(server.pid, int) and _group_alive(server.pid)
+    assert server.log_path is not None and server.log_path.is_file()
+
+
+def test_health_and_models(server: LocalServer) -> None:
+    status, body = _get(server.root_url + "/health")
+    assert status == 200
+    status, body = _get(server.base_url + "/models")
+    assert status == 200
+    cards = json.loads(body)["data"]
+    assert [c["id"] for c in cards] == [DEFAULT_SERVED_NAME]
+    assert cards[0]["max_model_len"] == 1024
+
+
+def test_trained_model_ends_turns(server: LocalServer) -> None:
+    """The embedded model is trained to close assistant turns with <|eot_id|>."""
+    questions = [
+        "Tell me about the cat.",
+        "What does Anna like?",
+        "Where is the ball?",
+        "Write a sentence.",
+        "Say hello.",
+        "Tell me about my friend.",
+    ]
+    prompts = [
+        render_chat([{"role": "user", "content": q}], add_generation_prompt=True)
+        for q in questions
+    ]
+    response = _post(server.base_url + "/completions", {
+        "model": server.served_model_name,
+        "prompt": prompts,
+        "max_tokens": 64,
+        "temperature": 0,
+        "add_special_tokens": False,
+    })
+    choices = response["choices"]
+    assert len(choices) == len(prompts)
+    stopped = [c for c in choices if c["finish_reason"] == "stop"]
+    assert len(stopped) >= len(prompts) - 1, choices
+    assert all(c["text"].strip() for c in stopped)
+
+
+def test_with_body_raising_stops_server(server: LocalServer) -> None:
+    """Runs last among the shared-server tests: it stops the shared server.
+
+    ``with`` on a running server is a no-op start, so this exercises exactly
+    the ``__exit__`` path of a body that raises.
+    """
+
+    class Boom(Exception):
+        pass
+
+    pgid = server.pid
+    assert pgid is not None and _group_alive(pgid)
+    started = time.monotonic()
+    with pytest.raises(Boom), server:
+        raise Boom
+    assert time.monotonic() - started < 15
+    assert not server.running
+    assert _wait_group_gone(pgid)
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(server.root_url + "/health", timeout=5)
+    server.stop()  # idempotent
+
+
+def test_cli_serves_until_sigterm() -> None:
+    """``python -m vllmclient.local_server`` prints the URL and stops cleanly."""
+    import signal
+
+    env = {**os.environ, "VLLMCLIENT_SERVER_PYTHON": SERVER_PYTHON}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllmclient.local_server",
+         "--served-model-name", "cli-model", "--api-key", "sekrit"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1"), url
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        assert _server_pids(port)
+        status, _ = _get(url + "/models")
+        assert status == 401
+        status, body = _get(url + "/models", {"Authorization": "Bearer sekrit"})
+        assert status == 200 and json.loads(body)["data"][0]["id"] == "cli-model"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not _server_pids(port)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
