@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+
 from fake_vllm import FakeVLLM
 
 MODEL = "tiny-llama"

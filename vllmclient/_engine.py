@@ -39,42 +39,48 @@ _INPUT_PARAMS = frozenset({"input_tokens", "input_text", "prompt", "messages"})
 
 
 class Capacity:
-    """An async counting limiter over sequences (prompts × n) in flight; FIFO, so no caller starves."""
+    """An async counting limiter over sequences (prompts × n) in flight; FIFO, so no caller starves.
+
+    Callers take whole prompts of ``unit`` sequences each: as many as are free, up to ``most``, once at
+    least one is. Waiting for a full pack instead would leave the freed slots idle meanwhile.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self._waiters: collections.deque[tuple[int, int, asyncio.Future[int]]] = collections.deque()
 
-    async def acquire(self, amount: int) -> int:
-        """Take ``amount`` (at most the limit); returns what was taken, to release later."""
-        amount = min(amount, self.limit)
-        if not self._waiters and self.used + amount <= self.limit:
-            self.used += amount
-            return amount
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (amount, future)
+    async def acquire(self, most: int, unit: int = 1) -> int:
+        """Wait for room for one prompt, take up to ``most``; returns the sequences taken."""
+        unit = min(unit, self.limit)  # one prompt whose n exceeds the limit runs alone
+        if not self._waiters and self.used + unit <= self.limit:
+            return self._take(most, unit)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        entry = (most, unit, future)
         self._waiters.append(entry)
         try:
-            await future
+            return await future
         except BaseException:
             if future.done() and not future.cancelled():
-                self.release(amount)  # granted just as we were cancelled
+                self.release(future.result())  # granted just as we were cancelled
             else:
                 self._waiters.remove(entry)
             raise
-        return amount
+
+    def _take(self, most: int, unit: int) -> int:
+        taken = max(1, min(most, (self.limit - self.used) // unit)) * unit
+        self.used += taken
+        return taken
 
     def release(self, amount: int) -> None:
         self.used -= amount
         while self._waiters:
-            amount, future = self._waiters[0]
-            if self.used + amount > self.limit:
+            most, unit, future = self._waiters[0]
+            if self.used + unit > self.limit:
                 break
             self._waiters.popleft()
             if not future.done():
-                self.used += amount
-                future.set_result(None)
+                future.set_result(self._take(most, unit))
 
 
 class PackSizer:
@@ -133,22 +139,30 @@ class Engine:
             response = await sending
         except openai.OpenAIError as exc:
             raise from_openai(exc, base_url=self.base_url, served_models=self.served_models) from exc
-        return json.loads(response.content)
+        try:
+            return json.loads(response.content)
+        except ValueError as exc:
+            raise APIError(
+                f"{self.base_url} answered HTTP {response.status_code} with something that is not JSON "
+                f"({response.content[:120]!r}); is base_url the vLLM server itself, not a proxy page?",
+                status_code=response.status_code,
+                request_id=response.headers.get("x-request-id"),
+            ) from exc
 
     async def one(self, payload: Any, request: Request) -> GenerateOutput:
         """A single input; errors are raised (agenerate's contract)."""
-        taken = await self.capacity.acquire(request.n)
+        taken = await self.capacity.acquire(1, request.n)
         try:
             if request.chat:
                 data = await self.post("/chat/completions", request.with_messages(payload))
-                return _chat_output(data, request)
+                return _read(_chat_output, data, request)
             data = await self.post("/completions", request.with_prompts([payload]))
-            return _completion_outputs(data, 1, request)[0]
+            return _read(_completion_outputs, data, 1, request)[0]
         finally:
             self.capacity.release(taken)
 
     async def stream(
-        self, items: Iterable[Any], request: Request, prepare: Prepare
+        self, items: Iterable[tuple[int, Any]], request: Request, prepare: Prepare
     ) -> AsyncIterator[list[tuple[int, GenerateOutput]]]:
         """Yield batches of ``(index, output)`` as packs complete; inputs are read only as slots free up.
 
@@ -161,20 +175,28 @@ class Engine:
 
         async def send(pack: list[tuple[int, Any]], taken: int) -> None:
             start = time.perf_counter()
-            results = await self._send_pack(pack, request)
+            try:
+                results = await self._send_pack(pack, request)
+            except asyncio.CancelledError:
+                self.capacity.release(taken)  # the job was abandoned; its slots go back to the client
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever went wrong fails this pack, never the whole job
+                results = [(index, _failed(index, request, exc)) for index, _ in pack]
             if not request.chat:
                 self.sizer.observe(time.perf_counter() - start)
             done.put_nowait((results, taken))
 
         async def produce() -> None:
             slots = max(1, self.capacity.limit // request.n)
-            iterator = enumerate(items)
+            iterator = iter(items)
             exhausted = False
             while not exhausted:
                 size = 1 if request.chat else self.sizer.size(slots)
-                taken = await self.capacity.acquire(size * request.n)
+                taken = await self.capacity.acquire(size, request.n)
+                room = max(1, taken // request.n)
                 pack: list[tuple[int, Any]] = []
-                while len(pack) < size:
+                rejected: list[tuple[int, GenerateOutput]] = []
+                while len(pack) + len(rejected) < room:  # rejected inputs use room too: reading stays lazy
                     try:
                         index, item = next(iterator)
                     except StopIteration:
@@ -183,11 +205,14 @@ class Engine:
                     try:
                         pack.append((index, prepare(index, item)))
                     except VLLMClientError as exc:
-                        done.put_nowait(([(index, failed_output(request.n, GenerationError.from_exception(index, exc)))], 0))
-                spare = taken - min(taken, len(pack) * request.n)
+                        rejected.append((index, _failed(index, request, exc)))
+                held = min(taken, len(rejected) * request.n)
+                if rejected:
+                    done.put_nowait((rejected, held))
+                spare = taken - held - min(taken - held, len(pack) * request.n)
                 if spare:
                     self.capacity.release(spare)
-                    taken -= spare
+                taken -= held + spare
                 if pack:
                     task = asyncio.create_task(send(pack, taken))
                     tasks.add(task)
@@ -232,21 +257,38 @@ class Engine:
             if request.chat:
                 (index, messages), = pack
                 data = await self.post("/chat/completions", request.with_messages(messages))
-                return [(index, _chat_output(data, request))]
+                return [(index, _read(_chat_output, data, request))]
             data = await self.post("/completions", request.with_prompts([prompt for _, prompt in pack]))
         except BadRequestError as exc:
             param = exc.body.get("param") if isinstance(exc.body, dict) else None
             if len(pack) == 1 or (param is not None and param not in _INPUT_PARAMS):
-                return [(index, failed_output(request.n, GenerationError.from_exception(index, exc))) for index, _ in pack]
+                return [(index, _failed(index, request, exc)) for index, _ in pack]
             middle = len(pack) // 2
             left, right = await asyncio.gather(
                 self._send_pack(pack[:middle], request), self._send_pack(pack[middle:], request)
             )
             return left + right
         except APIError as exc:
-            return [(index, failed_output(request.n, GenerationError.from_exception(index, exc))) for index, _ in pack]
-        outputs = _completion_outputs(data, len(pack), request)
+            return [(index, _failed(index, request, exc)) for index, _ in pack]
+        try:
+            outputs = _read(_completion_outputs, data, len(pack), request)
+        except APIError as exc:
+            return [(index, _failed(index, request, exc)) for index, _ in pack]
         return [(index, outputs[position]) for position, (index, _) in enumerate(pack)]
+
+
+def _read(parse: Callable[..., Any], data: Any, *args: Any) -> Any:
+    """Parse an answer; a shape we cannot read is the server's error, said plainly."""
+    try:
+        return parse(data, *args)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise APIError(f"unexpected answer from the server ({exc.__class__.__name__}: {exc}): {str(data)[:200]}") from exc
+
+
+def _failed(index: int, request: Request, exc: BaseException) -> GenerateOutput:
+    if not isinstance(exc, VLLMClientError):
+        exc = APIError(f"the server's answer could not be read ({exc.__class__.__name__}: {exc})")
+    return failed_output(request.n, GenerationError.from_exception(index, exc))
 
 
 def _empty_output(n: int) -> GenerateOutput:

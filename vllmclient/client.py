@@ -23,6 +23,7 @@ from ._engine import Engine
 from ._sampling import Request, build_request
 from ._server import choose_model, parse_models
 from ._sync import LoopThread
+from .checkpoint import Checkpoint
 from .errors import ConfigurationError, GenerationFailedError, InvalidInputError
 from .formatter import ChatFormatter, Conversation, resolve_magpie_template, validate_conversation
 from .results import GenerateOutput
@@ -333,6 +334,7 @@ class ClientvLLM(BaseModel):
         *,
         strict: bool = False,
         progress: bool | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> list[GenerateOutput]:
         """Generate for every input; results in input order, one ``GenerateOutput`` each.
@@ -340,9 +342,11 @@ class ClientvLLM(BaseModel):
         An input that fails gets ``None`` generations and an ``"error"`` record; the others are
         unaffected. With ``strict=True`` a ``GenerationFailedError`` listing the failures is raised at
         the end instead (its ``results`` keep every output). ``progress`` shows a bar (default: for
-        100 inputs or more). ``kwargs`` are ``agenerate``'s sampling parameters.
+        100 inputs or more). ``checkpoint`` names a file that saves each result as it completes, so
+        the same call after Ctrl-C or a crash sends only what is missing. ``kwargs`` are
+        ``agenerate``'s sampling parameters.
         """
-        return self._loop.run(self._collect(inputs, num_generations, strict, progress, kwargs))
+        return self._loop.run(self._collect(inputs, num_generations, strict, progress, checkpoint, kwargs))
 
     def generate_outputs(
         self,
@@ -351,10 +355,13 @@ class ClientvLLM(BaseModel):
         *,
         strict: bool = False,
         progress: bool | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> list[list[str | None]]:
         """Like ``generate``, returning only the texts: one list of ``num_generations`` per input."""
-        outputs = self.generate(inputs, num_generations, strict=strict, progress=progress, **kwargs)
+        outputs = self.generate(
+            inputs, num_generations, strict=strict, progress=progress, checkpoint=checkpoint, **kwargs
+        )
         return [output["generations"] for output in outputs]
 
     async def aiter_generate(
@@ -363,16 +370,18 @@ class ClientvLLM(BaseModel):
         num_generations: int = 1,
         *,
         progress: bool | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[tuple[int, GenerateOutput]]:
         """Yield ``(index, output)`` as each input completes, for jobs too large to hold in memory.
 
         Inputs are read lazily (a generator reading a file is fine) and only as fast as results are
-        consumed. Failed inputs are yielded with an ``"error"`` record, never raised.
+        consumed. Failed inputs are yielded with an ``"error"`` record, never raised. With
+        ``checkpoint``, results saved by an earlier run are skipped, not yielded again.
         """
         loop = asyncio.get_running_loop()
         if loop is self._loop._loop:
-            async for batch in self._stream(inputs, num_generations, progress, kwargs):
+            async for batch in self._stream(inputs, num_generations, progress, checkpoint, kwargs):
                 for item in batch:
                     yield item
             return
@@ -384,7 +393,7 @@ class ClientvLLM(BaseModel):
 
         async def pump() -> None:
             try:
-                async for batch in self._stream(inputs, num_generations, progress, kwargs):
+                async for batch in self._stream(inputs, num_generations, progress, checkpoint, kwargs):
                     await put(batch)
             except Exception as exc:
                 await put(exc)
@@ -411,10 +420,11 @@ class ClientvLLM(BaseModel):
         num_generations: int,
         strict: bool,
         progress: bool | None,
+        checkpoint: str | os.PathLike[str] | None,
         kwargs: dict[str, Any],
     ) -> list[GenerateOutput]:
         results: dict[int, GenerateOutput] = {}
-        async for batch in self._stream(inputs, num_generations, progress, kwargs):
+        async for batch in self._stream(inputs, num_generations, progress, checkpoint, kwargs, keep_saved=True):
             for index, output in batch:
                 results[index] = output
         ordered = [results[index] for index in range(len(results))]
@@ -429,9 +439,15 @@ class ClientvLLM(BaseModel):
         inputs: Iterable[Conversation],
         num_generations: int,
         progress: bool | None,
+        checkpoint: str | os.PathLike[str] | None,
         kwargs: dict[str, Any],
+        *,
+        keep_saved: bool = False,
     ) -> AsyncIterator[list[tuple[int, GenerateOutput]]]:
-        """Runs on the private loop: yields batches of ``(index, output)`` as packs complete."""
+        """Runs on the private loop: yields batches of ``(index, output)`` as packs complete.
+
+        With a checkpoint, results saved earlier come back too when ``keep_saved`` (for ``generate``).
+        """
         if isinstance(inputs, (str, bytes, Mapping)) or not isinstance(inputs, Iterable):
             raise InvalidInputError(
                 f"inputs must be a list (or any iterable) of conversations, got {type(inputs).__name__}."
@@ -439,10 +455,21 @@ class ClientvLLM(BaseModel):
         await self._setup()
         assert self._engine is not None
         request = self._request({**self.generation_kwargs, **kwargs, "num_generations": num_generations})
+        saved: Checkpoint | None = None
+        restored: list[tuple[int, GenerateOutput]] = []
+        indexed: Iterable[tuple[int, Any]] = enumerate(inputs)
+        if checkpoint is not None:
+            identity = {"request": request.body, "tokenizer": [self.tokenizer, self.tokenizer_revision],
+                        "magpie": self.magpie_pre_query_template if self.use_magpie_template else None}
+            saved = Checkpoint(checkpoint, identity, keep_outputs=keep_saved).open()
+            indexed = saved.pending(inputs, restored)
         bar = _progress_bar(inputs, progress)
         errors = 0
+        batches = _with_restored(self._engine.stream(indexed, request, self._prepare(request)), restored)
         try:
-            async for batch in self._engine.stream(inputs, request, self._prepare(request)):
+            async for batch in batches:
+                if saved is not None:
+                    saved.save([item for item in batch if item[0] not in saved.done])
                 if bar is not None:
                     failed = sum(1 for _, output in batch if "error" in output)
                     if failed:
@@ -451,8 +478,11 @@ class ClientvLLM(BaseModel):
                     bar.update(len(batch))
                 yield batch
         finally:
+            await batches.aclose()  # stops the engine's requests now, not whenever the generator is collected
             if bar is not None:
                 bar.close()
+            if saved is not None:
+                saved.close()
 
     def _request(self, params: dict[str, Any]) -> Request:
         signature = _agenerate_signature()
@@ -509,6 +539,22 @@ class ClientvLLM(BaseModel):
     def __repr_args__(self) -> Any:  # keep the key out of reprs and logs even if unmasked somewhere
         for name, value in super().__repr_args__():
             yield name, ("**********" if name == "api_key" else value)
+
+
+async def _with_restored(
+    batches: AsyncIterator[list[tuple[int, GenerateOutput]]], restored: list[tuple[int, GenerateOutput]]
+) -> AsyncIterator[list[tuple[int, GenerateOutput]]]:
+    """Interleave results restored from a checkpoint (found as inputs are read) with new ones."""
+    try:
+        async for batch in batches:
+            if restored:
+                batch = [*restored, *batch]
+                restored.clear()
+            yield batch
+        if restored:
+            yield list(restored)
+    finally:
+        await batches.aclose()  # type: ignore[attr-defined]
 
 
 @functools.cache
