@@ -832,7 +832,11 @@ class FakeVLLM:
             self.max_in_flight_requests = max(self.max_in_flight_requests, self.in_flight_requests)
             self.max_in_flight_sequences = max(self.max_in_flight_sequences, self.in_flight_sequences)
         if self.latency > 0:
-            await asyncio.sleep(self.latency)
+            try:
+                await asyncio.sleep(self.latency)
+            except asyncio.CancelledError:  # the client went away: it is no longer in flight
+                self._engine_done(sequences, answered=False)
+                raise
 
     def _engine_done(self, sequences: int, answered: bool) -> None:
         with self._lock:

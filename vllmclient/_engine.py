@@ -171,20 +171,18 @@ class Engine:
         """
         done: asyncio.Queue[Any] = asyncio.Queue()
         end = object()
-        tasks: set[asyncio.Task[None]] = set()
+        holding: dict[asyncio.Task[None], int] = {}  # packs in flight -> the capacity they hold
 
         async def send(pack: list[tuple[int, Any]], taken: int) -> None:
             start = time.perf_counter()
             try:
                 results = await self._send_pack(pack, request)
-            except asyncio.CancelledError:
-                self.capacity.release(taken)  # the job was abandoned; its slots go back to the client
-                raise
             except Exception as exc:  # noqa: BLE001 - whatever went wrong fails this pack, never the whole job
                 results = [(index, _failed(index, request, exc)) for index, _ in pack]
             if not request.chat:
                 self.sizer.observe(time.perf_counter() - start)
-            done.put_nowait((results, taken))
+            done.put_nowait((results, taken))  # from here the consumer releases it
+            holding.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
 
         async def produce() -> None:
             slots = max(1, self.capacity.limit // request.n)
@@ -214,11 +212,9 @@ class Engine:
                     self.capacity.release(spare)
                 taken -= held + spare
                 if pack:
-                    task = asyncio.create_task(send(pack, taken))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.wait(set(tasks))
+                    holding[asyncio.create_task(send(pack, taken))] = taken
+            while holding:
+                await asyncio.wait(set(holding))
 
         async def run_producer() -> None:
             try:
@@ -243,9 +239,12 @@ class Engine:
                 yield results
         finally:
             producer.cancel()
-            for task in list(tasks):
+            for task in holding:
                 task.cancel()
-            await asyncio.gather(producer, *tasks, return_exceptions=True)
+            await asyncio.gather(producer, *holding, return_exceptions=True)
+            for taken in holding.values():  # packs abandoned mid-flight (or before they started)
+                self.capacity.release(taken)
+            holding.clear()
             while not done.empty():  # results never taken still hold capacity
                 item = done.get_nowait()
                 if isinstance(item, tuple) and item[1]:

@@ -54,18 +54,30 @@ class LoopThread:
         return self._thread is not None and threading.current_thread() is self._thread
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run to completion from synchronous code; Ctrl-C cancels the work on the loop, then re-raises."""
+        """Run to completion from synchronous code; Ctrl-C cancels the work on the loop, then re-raises.
+
+        The interrupted caller waits (briefly) until the cancelled work has really finished, so no
+        request outlives the call and the next call starts clean.
+        """
         if self.in_loop():
             coro.close()
             raise RuntimeError("a synchronous vllmclient call was made from a callback on its own loop; await it")
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        loop = self.loop
+        outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+        finished = threading.Event()
+        tasks: list[asyncio.Task[T]] = []
+
+        def start() -> None:
+            task = loop.create_task(coro)
+            tasks.append(task)
+            task.add_done_callback(lambda done: _settle(done, outcome, finished))
+
+        loop.call_soon_threadsafe(start)
         try:
-            return future.result()
+            return outcome.result()
         except BaseException:
-            if not future.done():
-                future.cancel()
-                # Wait for the cancellation to land so no request outlives the call; its outcome is moot.
-                concurrent.futures.wait([future], timeout=10)
+            loop.call_soon_threadsafe(lambda: tasks[0].cancel())  # runs after start(): callbacks are FIFO
+            finished.wait(timeout=10)
             raise
 
     async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -90,6 +102,16 @@ class LoopThread:
             concurrent.futures.wait([done], timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
+
+
+def _settle(task: asyncio.Task[T], outcome: concurrent.futures.Future[T], finished: threading.Event) -> None:
+    if task.cancelled():
+        outcome.cancel()
+    elif task.exception() is not None:
+        outcome.set_exception(task.exception())  # type: ignore[arg-type]
+    else:
+        outcome.set_result(task.result())
+    finished.set()
 
 
 async def _close_all(closers: list[Callable[[], Coroutine[Any, Any, Any]]]) -> None:
