@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite from a fresh clone: installs the client in .venv and runs pytest.
-# README.rst gives this very command; .ci/run runs it too.
+# The whole test suite from a fresh clone: unit tests against the fake server, integration tests and
+# the notebook against the real vLLM server. README.rst gives this very command; .ci/run runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-.venv/bin/python -m pip install -q -U pip
-.venv/bin/python -m pip install -q -e '.[test]'
-.venv/bin/python -m ruff check vllmclient tests
-.venv/bin/python -m pytest "$@"
+bash scripts/setup.sh
+.venv/bin/python -m ruff check vllmclient tests benchmarks examples
+.venv/bin/python -m pytest -m "integration or not integration" "$@"

@@ -233,6 +233,28 @@ def _rmtree(path: Path) -> None:
 _live_servers: weakref.WeakSet[LocalServer] = weakref.WeakSet()
 
 
+# The server runs in its own session (so stopping it reaches EngineCore and Worker too), which also
+# shields it from signals meant for its owner. Two safety nets keep it from outliving the owner:
+# SIGTERM to the owner exits through atexit (below), and on Linux the server asks the kernel to
+# SIGTERM it when the owner dies however it dies (SIGKILL included) before it becomes vLLM.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys; "
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "  # PR_SET_PDEATHSIG
+    "os.getppid() == 1 and sys.exit(1); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def _stop_servers_on_sigterm() -> None:
+    """Turn a default (fatal) SIGTERM into SystemExit so that atexit stops our servers."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @atexit.register
 def _stop_all_at_exit() -> None:
     """Safety net: never leave a vLLM process group behind the interpreter."""
@@ -325,8 +347,6 @@ class LocalServer:
         ]
         if self.enforce_eager:
             cmd.append("--enforce-eager")
-        if self.api_key is not None:
-            cmd += ["--api-key", self.api_key]
         cmd += list(self.extra_args)
         return cmd
 
@@ -365,12 +385,19 @@ class LocalServer:
         assert self.log_path is not None
         env = {**os.environ, **SERVER_ENV, "VLLM_CPU_KVCACHE_SPACE": f"{self.kv_cache_gib:g}"}
         env.update(self.env)
+        if self.api_key is not None:
+            env["VLLM_API_KEY"] = self.api_key  # not --api-key: command lines are visible to every user
         cmd = self.command()
         logger.info("starting vLLM: %s (log %s)", " ".join(cmd), self.log_path)
         started = time.monotonic()
+        launch = cmd
+        if threading.current_thread() is threading.main_thread():
+            _stop_servers_on_sigterm()
+            if sys.platform == "linux":
+                launch = [self.python, "-c", _DIE_WITH_PARENT, *cmd]
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                launch, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, start_new_session=True,
             )
         self.pid = self._proc.pid

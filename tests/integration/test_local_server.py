@@ -1,50 +1,32 @@
 """LocalServer against the real vLLM CPU server (needs scripts/setup-vllm.sh).
 
-The shared server starts once for the module (~30 s, plus ~30 s to build the
-tiny model the first time); three more short-lived starts cover the failure
-and clean-up paths. Without a vLLM interpreter the module is skipped, except
-under CI (``$CI`` set), where that is an error.
+The shared-server tests use the session-wide ``vllm_server`` (tests/integration/conftest.py), which
+every integration module reuses. The failure and clean-up paths start servers of their own: a start
+that misses its deadline, a model folder vLLM cannot load, and the CLI until SIGTERM; the ``with``
+body that raises runs against a stand-in server process group so as not to stop the shared one.
+Without a vLLM interpreter the module is skipped (by the conftest), except under CI (``$CI`` set),
+where that is an error.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vllmclient.local_server import (
-    LocalServer,
-    LocalServerError,
-    _group_alive,
-    resolve_server_python,
-)
+from vllmclient.local_server import LocalServer, LocalServerError, _group_alive
 from vllmclient.tiny_model import DEFAULT_SERVED_NAME, default_model_dir, render_chat
 
 pytestmark = pytest.mark.integration
-
-
-def _has_vllm(python: str) -> bool:
-    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 1)"
-    try:
-        return subprocess.run([python, "-c", probe], check=False, timeout=60).returncode == 0
-    except OSError:
-        return False
-
-
-SERVER_PYTHON = resolve_server_python()
-if not _has_vllm(SERVER_PYTHON) and not os.environ.get("CI"):
-    pytest.skip(
-        f"{SERVER_PYTHON} has no vllm: run scripts/setup-vllm.sh", allow_module_level=True
-    )
 
 
 def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -97,8 +79,8 @@ def test_python_without_vllm_is_a_clear_error(tmp_path: Path) -> None:
         LocalServer(tmp_path, python=fake).start()
 
 
-def test_startup_deadline_stops_the_group() -> None:
-    srv = LocalServer(python=SERVER_PYTHON, startup_timeout=2)
+def test_startup_deadline_stops_the_group(vllm_server_python: str) -> None:
+    srv = LocalServer(python=vllm_server_python, startup_timeout=2)
     started = time.monotonic()
     with pytest.raises(LocalServerError, match="not healthy after 2 s"):
         srv.start()
@@ -106,11 +88,11 @@ def test_startup_deadline_stops_the_group() -> None:
     assert srv.pid is not None and _wait_group_gone(srv.pid)
 
 
-def test_bad_model_dir_raises_with_log_tail(tmp_path: Path) -> None:
+def test_bad_model_dir_raises_with_log_tail(tmp_path: Path, vllm_server_python: str) -> None:
     bad = tmp_path / "broken-model"
     bad.mkdir()
     (bad / "config.json").write_text('{"model_type": "no-such-architecture"}')
-    srv = LocalServer(bad, python=SERVER_PYTHON, startup_timeout=240)
+    srv = LocalServer(bad, python=vllm_server_python, startup_timeout=240)
     with pytest.raises(LocalServerError) as info:
         srv.start()
     message = str(info.value)
@@ -122,13 +104,8 @@ def test_bad_model_dir_raises_with_log_tail(tmp_path: Path) -> None:
     assert not srv.running
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[LocalServer]:
-    with LocalServer(python=SERVER_PYTHON) as srv:
-        yield srv
-
-
-def test_attributes(server: LocalServer) -> None:
+def test_attributes(vllm_server: LocalServer) -> None:
+    server = vllm_server
     assert server.running
     assert isinstance(server.port, int)
     assert server.root_url == f"http://127.0.0.1:{server.port}"
@@ -138,9 +115,13 @@ def test_attributes(server: LocalServer) -> None:
     assert (server.model_dir / "model.safetensors").is_file()
     assert isinstance(server.pid, int) and _group_alive(server.pid)
     assert server.log_path is not None and server.log_path.is_file()
+    assert server.max_model_len == 1024
+    assert server.startup_seconds is not None and server.startup_seconds > 0
+    assert "--enforce-eager" in server.command()
 
 
-def test_health_and_models(server: LocalServer) -> None:
+def test_health_and_models(vllm_server: LocalServer) -> None:
+    server = vllm_server
     status, body = _get(server.root_url + "/health")
     assert status == 200
     status, body = _get(server.base_url + "/models")
@@ -150,8 +131,9 @@ def test_health_and_models(server: LocalServer) -> None:
     assert cards[0]["max_model_len"] == 1024
 
 
-def test_trained_model_ends_turns(server: LocalServer) -> None:
+def test_trained_model_ends_turns(vllm_server: LocalServer) -> None:
     """The embedded model is trained to close assistant turns with <|eot_id|>."""
+    server = vllm_server
     questions = [
         "Tell me about the cat.",
         "What does Anna like?",
@@ -178,18 +160,24 @@ def test_trained_model_ends_turns(server: LocalServer) -> None:
     assert all(c["text"].strip() for c in stopped)
 
 
-def test_with_body_raising_stops_server(server: LocalServer) -> None:
-    """Runs last among the shared-server tests: it stops the shared server.
+def test_with_body_raising_stops_server(tmp_path: Path, standin_server_python: Path) -> None:
+    """``with`` on a running server is a no-op start, so this exercises exactly the ``__exit__`` path
+    of a body that raises: the whole process group (the child included) is gone afterwards.
 
-    ``with`` on a running server is a no-op start, so this exercises exactly
-    the ``__exit__`` path of a body that raises.
+    A stand-in server (conftest) keeps this from stopping the shared real one or paying for another
+    start; real vLLM process groups are killed and checked by the deadline, bad-model and CLI tests.
     """
 
     class Boom(Exception):
         pass
 
+    server = LocalServer(tmp_path, python=standin_server_python, startup_timeout=30).start()
     pgid = server.pid
-    assert pgid is not None and _group_alive(pgid)
+    assert pgid is not None and _group_alive(pgid) and server.running
+    status, _ = _get(server.root_url + "/health")
+    assert status == 200
+    children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid_of(p) == pgid]
+    assert len(children) >= 2  # the server and its forked child
     started = time.monotonic()
     with pytest.raises(Boom), server:
         raise Boom
@@ -201,11 +189,20 @@ def test_with_body_raising_stops_server(server: LocalServer) -> None:
     server.stop()  # idempotent
 
 
-def test_cli_serves_until_sigterm() -> None:
+def _pgid_of(proc: Path) -> int | None:
+    try:
+        stat = (proc / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return int(fields[2]) if fields[0] != "Z" else None
+
+
+def test_cli_serves_until_sigterm(vllm_server_python: str) -> None:
     """``python -m vllmclient.local_server`` prints the URL and stops cleanly."""
     import signal
 
-    env = {**os.environ, "VLLMCLIENT_SERVER_PYTHON": SERVER_PYTHON}
+    env = {**os.environ, "VLLMCLIENT_SERVER_PYTHON": vllm_server_python}
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
@@ -231,3 +228,32 @@ def test_cli_serves_until_sigterm() -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_the_server_dies_with_its_owner(tmp_path: Path, standin_server_python: Path, signum: int) -> None:
+    """The owner is ended (``timeout``, a cancelled CI job, the OOM killer): its server must not outlive it."""
+
+    script = (
+        "import sys, time\n"
+        "from vllmclient import LocalServer\n"
+        f"server = LocalServer({str(tmp_path)!r}, python={str(standin_server_python)!r}).start()\n"
+        "print(server.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pgid = None
+    try:
+        assert owner.stdout is not None
+        pgid = int(owner.stdout.readline())
+        assert _group_alive(pgid)
+        owner.send_signal(signum)
+        owner.wait(timeout=30)
+        assert _wait_group_gone(pgid, timeout=15), "the server outlived its owner"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        if pgid is not None and _group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+            _wait_group_gone(pgid)
