@@ -128,3 +128,25 @@ def test_magpie_needs_a_tokenizer(fake_vllm):
     llm = ClientvLLM(base_url=fake_vllm.base_url, use_magpie_template=True, magpie_pre_query_template="llama3")
     with pytest.raises(ConfigurationError, match="Magpie needs the raw prompt"):
         llm.load()
+
+
+def test_a_template_that_raises_fails_only_that_input(fake_vllm, tokenizer_dir, tmp_path):
+    """Many real templates raise (e.g. 'roles must alternate'); that is the input's error, not the job's."""
+    strict = tmp_path / "strict"
+    shutil.copytree(tokenizer_dir, strict)
+    (strict / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System messages are not supported') }}{% endif %}"
+        "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}assistant:"
+    )
+    config = json.loads((strict / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (strict / "tokenizer_config.json").write_text(json.dumps(config))
+    with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=str(strict)) as llm:
+        outputs = llm.generate([[{"role": "user", "content": "[[ok]] hi"}],
+                                [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}]])
+    assert outputs[0]["generations"][0].startswith("ok")
+    error = outputs[1]["error"]
+    assert error.type == "InvalidInputError"
+    assert "input 1: the model's chat template rejected" in error.message
+    assert "System messages are not supported" in error.message

@@ -520,7 +520,13 @@ class ClientvLLM(BaseModel):
 
         def as_prompt(index: int, conversation: Any) -> str:
             validate_conversation(conversation, index, allow_empty=allow_empty)
-            prompt = formatter.render(conversation)
+            try:
+                prompt = formatter.render(conversation)
+            except Exception as exc:  # templates raise anything (e.g. "roles must alternate")
+                raise InvalidInputError(
+                    f"input {index}: the model's chat template rejected this conversation "
+                    f"({exc.__class__.__name__}: {exc}). Fix the conversation to fit the template."
+                ) from exc
             formatter.check_length(prompt, max_len, index)
             return prompt
 
