@@ -42,21 +42,23 @@ class Capacity:
     """An async counting limiter over sequences (prompts × n) in flight; FIFO, so no caller starves.
 
     Callers take whole prompts of ``unit`` sequences each: as many as are free, up to ``most``, once at
-    least one is. Waiting for a full pack instead would leave the freed slots idle meanwhile.
+    least ``least`` are. Waiting for a full pack would leave freed slots idle meanwhile; taking any
+    single free slot would split packs into ever smaller fragments.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self._waiters: collections.deque[tuple[int, int, asyncio.Future[int]]] = collections.deque()
+        self._waiters: collections.deque[tuple[int, int, int, asyncio.Future[int]]] = collections.deque()
 
-    async def acquire(self, most: int, unit: int = 1) -> int:
-        """Wait for room for one prompt, take up to ``most``; returns the sequences taken."""
+    async def acquire(self, most: int, unit: int = 1, least: int = 1) -> int:
+        """Wait for room for ``least`` prompts, take up to ``most``; returns the sequences taken."""
         unit = min(unit, self.limit)  # one prompt whose n exceeds the limit runs alone
-        if not self._waiters and self.used + unit <= self.limit:
+        need = max(1, min(least, most, self.limit // unit)) * unit
+        if not self._waiters and self.used + need <= self.limit:
             return self._take(most, unit)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        entry = (most, unit, future)
+        entry = (most, unit, need, future)
         self._waiters.append(entry)
         try:
             return await future
@@ -75,8 +77,8 @@ class Capacity:
     def release(self, amount: int) -> None:
         self.used -= amount
         while self._waiters:
-            most, unit, future = self._waiters[0]
-            if self.used + unit > self.limit:
+            most, unit, need, future = self._waiters[0]
+            if self.used + need > self.limit:
                 break
             self._waiters.popleft()
             if not future.done():
@@ -104,6 +106,13 @@ class PackSizer:
             return ceiling
         wanted = math.ceil(slots / (self.latency * TARGET_REQUESTS_PER_SECOND))
         return max(1, min(ceiling, wanted))
+
+    def bounds(self, size: int) -> tuple[int, int]:
+        """The most and the least prompts to wait for: adaptive packs absorb leftover slots (up to
+        1.5 × size) and wait for at least half a pack, so packs never crumble into fragments."""
+        if self.fixed is not None:
+            return size, max(1, size // 2)
+        return min(PACK_CAP, size * 3 // 2), max(1, size // 2)
 
     def observe(self, seconds: float) -> None:
         self.latency = seconds if self.latency is None else 0.8 * self.latency + 0.2 * seconds
@@ -190,7 +199,8 @@ class Engine:
             exhausted = False
             while not exhausted:
                 size = 1 if request.chat else self.sizer.size(slots)
-                taken = await self.capacity.acquire(size, request.n)
+                most, least = self.sizer.bounds(size)
+                taken = await self.capacity.acquire(most, request.n, least)
                 room = max(1, taken // request.n)
                 pack: list[tuple[int, Any]] = []
                 rejected: list[tuple[int, GenerateOutput]] = []
