@@ -7,6 +7,8 @@ makes Magpie possible: the prompt can end anywhere, e.g. on an open user turn.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,26 @@ def validate_conversation(conversation: Any, index: int = 0, *, allow_empty: boo
             )
 
 
+def _import_auto_tokenizer() -> Any:
+    """Import transformers quietly: its "PyTorch was not found" advice is noise for a tokenizer-only use."""
+    if "transformers" not in sys.modules:
+        previous = os.environ.get(_NO_ADVICE)
+        os.environ[_NO_ADVICE] = "1"
+        try:
+            import transformers  # noqa: F401
+        finally:
+            if previous is None:
+                del os.environ[_NO_ADVICE]
+            else:
+                os.environ[_NO_ADVICE] = previous
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
+
+
+_NO_ADVICE = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+
+
 def resolve_magpie_template(template: str | None) -> str | None:
     """Map the ``llama3`` / ``qwen2`` aliases to their pre-query strings; anything else is literal."""
     if template is None:
@@ -95,10 +117,7 @@ class ChatFormatter:
         magpie_pre_query_template: str | None = None,
     ) -> ChatFormatter:
         """Load a tokenizer by Hugging Face repo id or local path (transformers is imported only here)."""
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as exc:  # pragma: no cover - transformers is a dependency
-            raise ConfigurationError("tokenizer=... needs the 'transformers' package: pip install transformers") from exc
+        AutoTokenizer = _import_auto_tokenizer()
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 str(name_or_path), revision=revision, trust_remote_code=trust_remote_code
