@@ -30,8 +30,9 @@ Prepare = Callable[[int, Any], Any]
 PACK_CAP = 32
 """Most prompts per request; beyond this the client saves little CPU and packs hold slots longer."""
 
-TARGET_REQUESTS_PER_SECOND = 100.0
-"""Adaptive packing aims at about this many HTTP requests per second (~0.1 core of SDK overhead)."""
+TARGET_REQUESTS_PER_SECOND = 10.0
+"""Adaptive packing aims at about this many HTTP requests per second: each costs the client ~1-2 ms of SDK
+CPU and the vLLM API server about as much; measured best on the real server (benchmarks/real_server.py)."""
 
 # 400s whose ``param`` names one of these are about the prompts, so splitting the pack finds the culprit;
 # any other named parameter (temperature, logprobs, ...) is wrong for every prompt alike.
