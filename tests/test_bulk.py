@@ -581,3 +581,21 @@ def test_a_dict_or_a_str_as_inputs_is_a_clear_error(llm, fake_vllm, inputs, type
     with pytest.raises(InvalidInputError, match=rf"got {type_name}"):
         asyncio.run(iterate())
     assert fake_vllm.requests_to("/v1/completions") == []
+
+
+@pytest.mark.asyncio
+async def test_another_call_from_inside_an_aiter_generate_loop_does_not_deadlock(fake_vllm, tokenizer_dir):
+    """Results waiting in the loop hold only that stream's window, not the server slots other calls need."""
+    async with client(fake_vllm, tokenizer_dir, max_concurrency=4) as llm:
+
+        async def job() -> list[str]:
+            texts = []
+            async for index, _ in llm.aiter_generate(tagged(40), max_new_tokens=4):
+                if index % 10 == 0:
+                    inner = await llm.agenerate(user(f"[[in{index}]] x"), max_new_tokens=4)
+                    texts.append(inner["generations"][0].split()[0])
+            return texts
+
+        texts = await asyncio.wait_for(job(), 10)
+        assert sorted(texts) == sorted(f"in{i}" for i in range(0, 40, 10))
+        assert fake_vllm.max_in_flight_sequences <= 4

@@ -66,7 +66,7 @@ class Capacity:
         except BaseException:
             if future.done() and not future.cancelled():
                 self.release(future.result())  # granted just as we were cancelled
-            else:
+            elif entry in self._waiters:
                 self._waiters.remove(entry)
             raise
 
@@ -176,14 +176,18 @@ class Engine:
     ) -> AsyncIterator[list[tuple[int, GenerateOutput]]]:
         """Yield batches of ``(index, output)`` as packs complete; inputs are read only as slots free up.
 
-        Capacity is released when a result is taken from here, not when the server answers, so a slow
-        consumer slows the producer and memory stays flat however many inputs there are.
+        Two limits: the client's shared capacity counts what the server is working on (given back as
+        soon as it answers, so other calls, even ones made from inside this loop's consumer, go on);
+        this stream's window also counts results not yet taken from here, so a slow consumer slows
+        the producer and memory stays flat however many inputs there are.
         """
         done: asyncio.Queue[Any] = asyncio.Queue()
         end = object()
-        holding: dict[asyncio.Task[None], int] = {}  # packs in flight -> the capacity they hold
+        window = Capacity(self.capacity.limit)
+        unit = min(request.n, self.capacity.limit)  # what one prompt holds; a huge n runs alone
+        holding: dict[asyncio.Task[None], tuple[int, int]] = {}  # packs in flight -> (shared, window) held
 
-        async def send(pack: list[tuple[int, Any]], taken: int) -> None:
+        async def send(pack: list[tuple[int, Any]], shared: int, windowed: int) -> None:
             start = time.perf_counter()
             try:
                 results = await self._send_pack(pack, request)
@@ -191,18 +195,21 @@ class Engine:
                 results = [(index, _failed(index, request, exc)) for index, _ in pack]
             if not request.chat:
                 self.sizer.observe(time.perf_counter() - start)
-            done.put_nowait((results, taken))  # from here the consumer releases it
+            self.capacity.release(shared)
+            done.put_nowait((results, windowed))  # from here the consumer releases the window
             holding.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
 
         async def produce() -> None:
-            slots = max(1, self.capacity.limit // request.n)
+            slots = max(1, self.capacity.limit // unit)
             iterator = iter(items)
             exhausted = False
             while not exhausted:
                 size = 1 if request.chat else self.sizer.size(slots)
                 most, least = self.sizer.bounds(size)
-                taken = await self.capacity.acquire(most, request.n, least)
-                room = max(1, taken // request.n)
+                room = await window.acquire(most, unit, least) // unit
+                shared = await self.capacity.acquire(room, unit, min(least, room))
+                window.release((room - shared // unit) * unit)
+                room = shared // unit
                 pack: list[tuple[int, Any]] = []
                 rejected: list[tuple[int, GenerateOutput]] = []
                 while len(pack) + len(rejected) < room:  # rejected inputs use room too: reading stays lazy
@@ -215,15 +222,13 @@ class Engine:
                         pack.append((index, prepare(index, item)))
                     except VLLMClientError as exc:
                         rejected.append((index, _failed(index, request, exc)))
-                held = min(taken, len(rejected) * request.n)
+                self.capacity.release((room - len(pack)) * unit)  # the server sees only the pack
+                window.release((room - len(pack) - len(rejected)) * unit)
                 if rejected:
-                    done.put_nowait((rejected, held))
-                spare = taken - held - min(taken - held, len(pack) * request.n)
-                if spare:
-                    self.capacity.release(spare)
-                taken -= held + spare
+                    done.put_nowait((rejected, len(rejected) * unit))
                 if pack:
-                    holding[asyncio.create_task(send(pack, taken))] = taken
+                    held = len(pack) * unit
+                    holding[asyncio.create_task(send(pack, held, held))] = (held, held)
             while holding:
                 await asyncio.wait(set(holding))
 
@@ -244,22 +249,17 @@ class Engine:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                results, taken = item
-                if taken:
-                    self.capacity.release(taken)
+                results, windowed = item
+                window.release(windowed)
                 yield results
         finally:
             producer.cancel()
             for task in holding:
                 task.cancel()
             await asyncio.gather(producer, *holding, return_exceptions=True)
-            for taken in holding.values():  # packs abandoned mid-flight (or before they started)
-                self.capacity.release(taken)
+            for shared, _ in holding.values():  # packs abandoned mid-flight (or before they started)
+                self.capacity.release(shared)
             holding.clear()
-            while not done.empty():  # results never taken still hold capacity
-                item = done.get_nowait()
-                if isinstance(item, tuple) and item[1]:
-                    self.capacity.release(item[1])
 
     async def _send_pack(self, pack: list[tuple[int, Any]], request: Request) -> list[tuple[int, GenerateOutput]]:
         """Send a pack; on a 400 about its prompts, split it so that only the guilty inputs fail."""
