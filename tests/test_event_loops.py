@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -119,3 +120,31 @@ def test_client_dropped_without_close_cleans_up(tokenizer_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
     assert "Unclosed" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_close_while_a_call_runs_ends_that_call_with_a_clear_error(fake_vllm, tokenizer_dir):
+    from vllmclient import VLLMClientError
+
+    fake_vllm.latency = 1.0
+    llm = ClientvLLM(base_url=fake_vllm.base_url, tokenizer=tokenizer_dir, max_retries=3)
+    llm.load()
+    outcome: list[BaseException | object] = []
+
+    def call() -> None:
+        try:
+            outcome.append(llm.generate_outputs([user("x")] * 4))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    deadline = time.monotonic() + 5
+    while fake_vllm.in_flight_requests == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    llm.close()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "the running call hung after close()"
+    assert isinstance(outcome[0], VLLMClientError) and "closed" in str(outcome[0])
+    fake_vllm.latency = 0
+    assert llm.generate_outputs([user("[[again]] x")])[0][0].startswith("again")  # reconnects
+    llm.close()

@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from .errors import VLLMClientError
+
 T = TypeVar("T")
 
 
@@ -75,6 +77,8 @@ class LoopThread:
         loop.call_soon_threadsafe(start)
         try:
             return outcome.result()
+        except concurrent.futures.CancelledError:
+            raise _closed_meanwhile() from None
         except BaseException:
             loop.call_soon_threadsafe(lambda: tasks[0].cancel())  # runs after start(): callbacks are FIFO
             finished.wait(timeout=10)
@@ -84,7 +88,13 @@ class LoopThread:
         """Await from any event loop; cancelling the caller cancels the work."""
         if self.in_loop():
             return await coro
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+        try:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if caller is not None and not caller.cancelling():  # not the caller's own cancellation
+                raise _closed_meanwhile() from None
+            raise
 
     def stop(self) -> None:
         """Close what was registered, then end the thread; safe to call twice, and at interpreter exit."""
@@ -97,9 +107,8 @@ class LoopThread:
         if threading.current_thread() is thread:
             loop.call_soon(loop.stop)
             return
-        if closers:
-            done = asyncio.run_coroutine_threadsafe(_close_all(closers), loop)
-            concurrent.futures.wait([done], timeout=10)
+        done = asyncio.run_coroutine_threadsafe(_shutdown(closers), loop)
+        concurrent.futures.wait([done], timeout=15)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
 
@@ -114,5 +123,17 @@ def _settle(task: asyncio.Task[T], outcome: concurrent.futures.Future[T], finish
     finished.set()
 
 
-async def _close_all(closers: list[Callable[[], Coroutine[Any, Any, Any]]]) -> None:
+async def _shutdown(closers: list[Callable[[], Coroutine[Any, Any, Any]]]) -> None:
+    """Cancel the calls still running (their callers get an error, not a hang), then close."""
+    running = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in running:
+        task.cancel()
+    await asyncio.wait(running, timeout=10) if running else None
     await asyncio.gather(*(closer() for closer in closers), return_exceptions=True)
+
+
+def _closed_meanwhile() -> VLLMClientError:
+    return VLLMClientError(
+        "the client was closed (close(), or a connection setting changed) while this call was running; "
+        "call again to reconnect"
+    )
