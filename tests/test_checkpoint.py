@@ -87,8 +87,19 @@ def test_a_line_cut_short_by_a_crash_is_redone(fake_vllm, tokenizer_dir, tmp_pat
         path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
         fake_vllm.clear()
         outputs = llm.generate(tagged(5), checkpoint=path, max_new_tokens=4)
-    assert len(sent_prompts(fake_vllm)) == 1 and f"[[q{cut}]]" in sent_prompts(fake_vllm)[0]
-    assert all(o["generations"][0].startswith(f"q{i}") for i, o in enumerate(outputs))
+        assert len(sent_prompts(fake_vllm)) == 1 and f"[[q{cut}]]" in sent_prompts(fake_vllm)[0]
+        assert all(o["generations"][0].startswith(f"q{i}") for i, o in enumerate(outputs))
+        fake_vllm.clear()  # the redone result went on a line of its own: nothing is redone again
+        llm.generate(tagged(5), checkpoint=path, max_new_tokens=4)
+        assert sent_prompts(fake_vllm) == []
+
+
+def test_an_empty_file_is_a_new_checkpoint(fake_vllm, tokenizer_dir, tmp_path):
+    path = tmp_path / "job.jsonl"
+    path.touch()
+    with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=tokenizer_dir) as llm:
+        assert all("error" not in o for o in llm.generate(tagged(3), checkpoint=path, max_new_tokens=4))
+    assert len(path.read_text().splitlines()) == 4
 
 
 def test_a_checkpoint_of_other_inputs_or_parameters_is_refused(fake_vllm, tokenizer_dir, tmp_path):

@@ -7,7 +7,7 @@ import pickle
 import pytest
 from pydantic import ValidationError
 
-from vllmclient import ClientvLLM, ConfigurationError, InvalidInputError, ModelNotFoundError
+from vllmclient import ClientvLLM, ConfigurationError, ModelNotFoundError
 
 
 def test_seed_example_verbatim(fake_vllm, tokenizer_dir):
@@ -100,10 +100,53 @@ def test_runtime_parameters_are_listed_described_and_settable():
     assert (llm.base_url, llm.max_retries, llm.timeout) == ("http://127.0.0.1:9/v1", 1, 5)
     assert llm.httpx_client_kwargs == {"trust_env": False}
     assert llm.generation_kwargs == {"max_new_tokens": 8}
-    with pytest.raises(InvalidInputError, match="not a runtime parameter"):
-        llm.set_runtime_parameters({"tokenizerr": "x"})
+    llm.set_runtime_parameters({"generation_kwargs": {"temperature": 0.5}})
+    assert llm.generation_kwargs == {"temperature": 0.5}  # replaced, as distilabel does
     with pytest.raises(ValidationError):
         llm.set_runtime_parameters({"timeout": -1})
+
+
+def test_unknown_runtime_parameter_is_skipped_with_a_warning(caplog):
+    llm = ClientvLLM()
+    with caplog.at_level("WARNING", logger="vllmclient"):
+        llm.set_runtime_parameters({"tokenizerr": "x", "max_retries": 2})
+    assert llm.max_retries == 2
+    assert "'tokenizerr' is not a runtime parameter" in caplog.text
+
+
+def test_distilabel_saved_configs_load(fake_vllm, tokenizer_dir):
+    """distilabel writes model="" and fields that cannot work against vLLM; at their defaults they are fine."""
+    llm = ClientvLLM(base_url=fake_vllm.base_url, tokenizer=tokenizer_dir, model="", structured_output=None,
+                     use_offline_batch_generation=False, offline_batch_generation_block_until_done=None,
+                     jobs_ids=None, default_headers={"X-Pipeline": "magpie"})
+    assert llm.model is None
+    llm.generate_outputs([[{"role": "user", "content": "hi"}]])
+    assert llm.model_name == "tiny-llama"
+    assert fake_vllm.requests_to("/v1/completions")[-1].headers["x-pipeline"] == "magpie"
+    llm.close()
+    with pytest.raises(ValidationError, match="use_offline_batch_generation=True is not supported.*checkpoint"):
+        ClientvLLM(use_offline_batch_generation=True)
+
+
+def test_copies_share_nothing_at_run_time(fake_vllm, tokenizer_dir):
+    import copy
+
+    llm = ClientvLLM(base_url=fake_vllm.base_url, tokenizer=tokenizer_dir)
+    llm.load()
+    for clone in (llm.model_copy(), copy.deepcopy(llm), llm.model_copy(update={"max_retries": 1})):
+        assert clone._aclient is None and clone._loop is not llm._loop
+        assert clone.generate_outputs([[{"role": "user", "content": "[[c]] hi"}]])[0][0].startswith("c")
+        clone.close()
+    assert llm.generate_outputs([[{"role": "user", "content": "[[o]] hi"}]])[0][0].startswith("o")
+    llm.close()
+
+
+def test_strict_failure_survives_pickling():
+    from vllmclient import GenerationError, GenerationFailedError
+
+    error = GenerationFailedError([GenerationError(index=2, type="X", message="m")], 5, results=[{"a": 1}])
+    clone = pickle.loads(pickle.dumps(error))
+    assert (clone.total, clone.results, clone.failures[0].index, str(clone)) == (5, [{"a": 1}], 2, str(error))
 
 
 @pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/"])

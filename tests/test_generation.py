@@ -119,6 +119,8 @@ def test_bad_sampling_parameter_fails_before_sending(llm, fake_vllm):
         llm.generate_outputs([user("x")], max_tokens=3)
     with pytest.raises(InvalidInputError, match="num_generations=0"):
         llm.generate_outputs([user("x")], num_generations=0)
+    with pytest.raises(InvalidInputError, match="extra_body may not set n"):
+        llm.generate_outputs([user("x")], extra_body={"n": 2})
     assert fake_vllm.requests_to("/v1/completions") == []
 
 

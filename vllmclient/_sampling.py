@@ -24,6 +24,11 @@ VLLM_PARAMETERS = (
 )
 
 
+_RESERVED = frozenset(
+    {"model", "prompt", "messages", "n", "stream", "logprobs", "top_logprobs", "return_token_ids", "echo"}
+)
+
+
 @dataclass(frozen=True)
 class Request:
     """Everything about a call except the prompts: the body template and how to read the answer."""
@@ -140,5 +145,11 @@ def build_request(
         # The rendered template already starts with BOS; vLLM would add a second one by default.
         body["add_special_tokens"] = False
     if extra_body:
+        clash = sorted(_RESERVED.intersection(extra_body))
+        if clash:
+            raise InvalidInputError(
+                f"extra_body may not set {', '.join(clash)}: the client sets them from its own parameters "
+                "(num_generations, logprobs, the inputs, the model) and reads the answer accordingly."
+            )
         body.update(extra_body)
     return Request(body=body, n=num_generations, logprobs=logprobs, chat=chat)

@@ -39,12 +39,15 @@ class Checkpoint:
         self._file: IO[str] | None = None
 
     def open(self) -> Checkpoint:
-        if self.path.exists():
+        if self.path.exists() and self.path.stat().st_size:
             self._read()
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
-        if not self.path.stat().st_size:
+        size = self.path.stat().st_size
+        if size and _last_byte(self.path) != b"\n":  # a line cut short by a crash: never append to it
+            self._file.write("\n")
+        if not size:
             self._file.write(json.dumps({"format": _FORMAT, "parameters": self._parameters}) + "\n")
             self._file.flush()
         return self
@@ -97,6 +100,12 @@ class Checkpoint:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as file:
+        file.seek(-1, os.SEEK_END)
+        return file.read(1)
 
 
 def _json(line: str) -> dict[str, Any]:

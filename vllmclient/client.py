@@ -7,6 +7,7 @@ bulk behaviour in ``_engine``, event-loop plumbing in ``_sync``.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import inspect
 import logging
@@ -34,7 +35,8 @@ logger = logging.getLogger("vllmclient")
 
 # Changing one of these after load() means the SDK client (and, for the second set, the tokenizer) is rebuilt.
 _CONNECTION_FIELDS = frozenset(
-    {"base_url", "api_key", "max_retries", "timeout", "httpx_client_kwargs", "model", "max_concurrency", "pack_size"}
+    {"base_url", "api_key", "max_retries", "timeout", "httpx_client_kwargs", "default_headers", "model",
+     "max_concurrency", "pack_size"}
 )
 _FORMATTER_FIELDS = frozenset(
     {"tokenizer", "tokenizer_revision", "trust_remote_code", "use_magpie_template", "magpie_pre_query_template"}
@@ -46,6 +48,12 @@ _RUNTIME_PARAMETERS = {
     "timeout": "Seconds to wait for each request before the SDK gives up on it (then retries).",
     "httpx_client_kwargs": "Extra keyword arguments for the HTTP client the SDK uses (limits, verify, proxy, ...).",
     "max_concurrency": "The most sequences (prompts x num_generations) in flight at once.",
+}
+_DISTILABEL_ONLY = {
+    "use_offline_batch_generation": (False, "vLLM serves no OpenAI Batch API; use generate(..., checkpoint=...)"),
+    "offline_batch_generation_block_until_done": (None, "vLLM serves no OpenAI Batch API"),
+    "jobs_ids": (None, "vLLM serves no OpenAI Batch API"),
+    "structured_output": (None, "pass extra_body={'structured_outputs': {...}} to the generate call"),
 }
 _PROGRESS_THRESHOLD = 100
 _DEFAULT_API_KEY = "EMPTY"  # any non-empty string: the SDK refuses to start without a key
@@ -78,6 +86,7 @@ class ClientvLLM(BaseModel):
     max_retries: int = Field(default=6, ge=0)
     timeout: float = Field(default=120, gt=0)
     httpx_client_kwargs: dict[str, Any] | None = None
+    default_headers: dict[str, str] | None = None
     tokenizer: str | None = None
     tokenizer_revision: str | None = None
     trust_remote_code: bool = False
@@ -107,6 +116,23 @@ class ClientvLLM(BaseModel):
                 f"base_url must be an http(s) URL such as 'http://localhost:8000/v1', got {value!r}"
             )
         return value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _empty_model_is_discovered(cls, value: Any) -> Any:
+        return None if value == "" else value  # distilabel's default, found in saved configs
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_distilabel_defaults(cls, data: Any) -> Any:
+        """Configs saved by distilabel carry fields that cannot work against vLLM: fine at their defaults."""
+        if isinstance(data, dict):
+            for name, (default, why) in _DISTILABEL_ONLY.items():
+                if name in data:
+                    if data[name] not in (default, None):
+                        raise ValueError(f"{name}={data[name]!r} is not supported: {why}")
+                    data = {k: v for k, v in data.items() if k != name}
+        return data
 
     @field_validator("tokenizer", mode="before")
     @classmethod
@@ -140,8 +166,10 @@ class ClientvLLM(BaseModel):
         super().__setattr__(name, value)
         if name in _FORMATTER_FIELDS:
             self._formatter = self._tokenizer = None
-        if (name in _CONNECTION_FIELDS or name in _FORMATTER_FIELDS) and self._engine is not None:
-            self._discard_connection()  # rebuilt by the next load() or call
+        if name in _CONNECTION_FIELDS or name in _FORMATTER_FIELDS:
+            self._loading = None  # a load under way uses the old settings
+            if self._engine is not None:
+                self._discard_connection()  # rebuilt by the next load() or call
 
     # -- distilabel's runtime parameters ------------------------------------------------------------
 
@@ -152,7 +180,7 @@ class ClientvLLM(BaseModel):
         names["generation_kwargs"] = {
             name: param.default is not inspect.Parameter.empty
             for name, param in inspect.signature(self.agenerate).parameters.items()
-            if name not in ("input", "num_generations", "vllm_parameters")
+            if name not in ("input", "num_generations")
         }
         return names
 
@@ -173,16 +201,14 @@ class ClientvLLM(BaseModel):
         return info
 
     def set_runtime_parameters(self, runtime_parameters: Mapping[str, Any]) -> None:
-        """Set runtime parameters by name; ``generation_kwargs`` is merged, unknown names are an error."""
+        """Set runtime parameters by name; as in distilabel, an unknown name is skipped with a warning."""
         for name, value in runtime_parameters.items():
-            if name == "generation_kwargs":
-                self.generation_kwargs = {**self.generation_kwargs, **dict(value)}
-            elif name in _RUNTIME_PARAMETERS:
+            if name in _RUNTIME_PARAMETERS or name == "generation_kwargs":
                 setattr(self, name, value)
             else:
-                raise InvalidInputError(
-                    f"{name!r} is not a runtime parameter of ClientvLLM; use one of "
-                    f"{', '.join([*_RUNTIME_PARAMETERS, 'generation_kwargs'])}."
+                logger.warning(
+                    "vllmclient: %r is not a runtime parameter of ClientvLLM (known: %s); ignored",
+                    name, ", ".join([*_RUNTIME_PARAMETERS, "generation_kwargs"]),
                 )
 
     # -- life cycle --------------------------------------------------------------------------------
@@ -238,6 +264,7 @@ class ClientvLLM(BaseModel):
             api_key=self.api_key.get_secret_value(),
             max_retries=self.max_retries,
             timeout=self.timeout,
+            default_headers=self.default_headers,
             http_client=openai.DefaultAioHttpClient(**(self.httpx_client_kwargs or {})),
         )
         engine = Engine(
@@ -265,8 +292,7 @@ class ClientvLLM(BaseModel):
 
     def close(self) -> None:
         """Release connections and the private loop's thread; ``load()`` (or any call) reconnects."""
-        self._aclient = self._engine = None
-        self._loop.stop()
+        self._discard_connection()
 
     unload = close  # distilabel's name
 
@@ -342,7 +368,7 @@ class ClientvLLM(BaseModel):
         An input that fails gets ``None`` generations and an ``"error"`` record; the others are
         unaffected. With ``strict=True`` a ``GenerationFailedError`` listing the failures is raised at
         the end instead (its ``results`` keep every output). ``progress`` shows a bar (default: for
-        100 inputs or more). ``checkpoint`` names a file that saves each result as it completes, so
+        100 inputs or more, and for iterables of unknown length). ``checkpoint`` names a file that saves each result as it completes, so
         the same call after Ctrl-C or a crash sends only what is missing. ``kwargs`` are
         ``agenerate``'s sampling parameters.
         """
@@ -541,6 +567,18 @@ class ClientvLLM(BaseModel):
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)
         self.model_post_init(None)  # fresh private state; load() reconnects
+
+    def __copy__(self) -> Self:
+        return self._clone(self.__getstate__())
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Self:
+        return self._clone(copy.deepcopy(self.__getstate__(), memo))
+
+    def _clone(self, state: dict[Any, Any]) -> Self:
+        """A copy shares nothing at run time (connections, thread, loop): it connects on its own."""
+        clone = self.__class__.__new__(self.__class__)
+        clone.__setstate__(state)
+        return clone
 
     def __repr_args__(self) -> Any:  # keep the key out of reprs and logs even if unmasked somewhere
         for name, value in super().__repr_args__():

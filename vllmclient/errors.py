@@ -134,6 +134,9 @@ class GenerationFailedError(VLLMClientError):
             lines.append(f"  ... and {len(self.failures) - 10} more (see .failures)")
         super().__init__("\n".join(lines))
 
+    def __reduce__(self) -> Any:  # survives pickling (multiprocessing workers)
+        return (self.__class__, (self.failures, self.total), {"results": self.results})
+
 
 _CONTEXT_NUMBERS = re.compile(
     r"maximum context length is (\d+) tokens.*?contains (?:at least )?(\d+) input tokens", re.DOTALL
@@ -146,8 +149,9 @@ def from_openai(exc: BaseException, *, base_url: str, served_models: Sequence[st
 
     if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
         what = "did not answer in time" if isinstance(exc, openai.APITimeoutError) else "could not be reached"
+        cause = f"; {exc.__cause__.__class__.__name__}: {exc.__cause__}" if exc.__cause__ else ""
         return ServerUnreachableError(
-            f"The vLLM server at {base_url} {what} ({exc.__class__.__name__}: {exc}). "
+            f"The vLLM server at {base_url} {what} ({exc.__class__.__name__}: {exc}{cause}). "
             "Is it running? Start one with `vllm serve <model>` (or vllmclient.LocalServer) and check base_url."
         )
     if not isinstance(exc, openai.APIStatusError):

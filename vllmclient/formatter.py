@@ -28,7 +28,7 @@ logger = logging.getLogger("vllmclient")
 Message = Mapping[str, Any]
 Conversation = Sequence[Message]
 
-KNOWN_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+KNOWN_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "ipython", "function"})
 
 MAGPIE_PRE_QUERY_TEMPLATES = {
     "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
@@ -59,9 +59,9 @@ def validate_conversation(conversation: Any, index: int = 0, *, allow_empty: boo
                 f"{at}: unknown role {role!r}; use one of {', '.join(sorted(KNOWN_ROLES))}."
             )
         content = message.get("content")
-        if not isinstance(content, str):
+        if not (isinstance(content, (str, list)) or (content is None and role == "assistant")):
             raise InvalidInputError(
-                f"{at}: 'content' must be a str, got {type(content).__name__}. "
+                f"{at}: 'content' must be a str (or a list of content parts), got {type(content).__name__}. "
                 "Convert it to text before sending."
             )
 

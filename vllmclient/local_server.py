@@ -240,8 +240,8 @@ _live_servers: weakref.WeakSet[LocalServer] = weakref.WeakSet()
 _DIE_WITH_PARENT = (
     "import ctypes, os, signal, sys; "
     "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "  # PR_SET_PDEATHSIG
-    "os.getppid() == 1 and sys.exit(1); "
-    "os.execv(sys.argv[1], sys.argv[1:])"
+    "os.getppid() != int(sys.argv[1]) and sys.exit(1); "  # the owner died before prctl took effect
+    "os.execv(sys.argv[2], sys.argv[2:])"
 )
 
 
@@ -394,7 +394,7 @@ class LocalServer:
         if threading.current_thread() is threading.main_thread():
             _stop_servers_on_sigterm()
             if sys.platform == "linux":
-                launch = [self.python, "-c", _DIE_WITH_PARENT, *cmd]
+                launch = [self.python, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 launch, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -56,7 +56,7 @@ import http.server, os, sys, time
 if sys.argv[1] == "-c":
     if len(sys.argv) == 3:  # the launcher's probe: "yes, vLLM imports"
         sys.exit(0)
-    code, sys.argv = sys.argv[2], ["-c", *sys.argv[3:]]  # the launcher's wrapper, then the real command
+    code, sys.argv = sys.argv[2], ["-c", *sys.argv[3:]]  # the launcher's wrapper: owner pid, real command
     exec(code)
 import signal
 port = int(sys.argv[sys.argv.index("--port") + 1])
