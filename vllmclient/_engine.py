@@ -20,7 +20,7 @@ import openai
 
 from ._sampling import Request
 from .errors import APIError, BadRequestError, VLLMClientError, from_openai
-from .results import GenerateOutput, GenerationError, Logprob, failed_output
+from .results import GenerateOutput, GenerationError, Logprob, empty_output, failed_output
 
 logger = logging.getLogger("vllmclient")
 
@@ -301,18 +301,10 @@ def _failed(index: int, request: Request, exc: BaseException) -> GenerateOutput:
     return failed_output(request.n, GenerationError.from_exception(index, exc))
 
 
-def _empty_output(n: int) -> GenerateOutput:
-    return {
-        "generations": [None] * n,
-        "statistics": {"input_tokens": [None] * n, "output_tokens": [None] * n},
-        "finish_reasons": [None] * n,
-    }
-
-
 def _completion_outputs(data: dict[str, Any], prompts: int, request: Request) -> list[GenerateOutput]:
     """Choices come prompt-major: ``index = prompt_position * n + j``."""
     n = request.n
-    outputs = [_empty_output(n) for _ in range(prompts)]
+    outputs = [empty_output(n) for _ in range(prompts)]
     usage = data.get("usage") or {}
     whole_request = prompts == 1 and n == 1  # then usage is exact for the one generation
     for choice in data["choices"]:
@@ -340,7 +332,7 @@ def _completion_outputs(data: dict[str, Any], prompts: int, request: Request) ->
 
 def _chat_output(data: dict[str, Any], request: Request) -> GenerateOutput:
     n = request.n
-    output = _empty_output(n)
+    output = empty_output(n)
     usage = data.get("usage") or {}
     prompt_ids = data.get("prompt_token_ids")
     input_tokens = len(prompt_ids) if prompt_ids is not None else usage.get("prompt_tokens")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 from .errors import VLLMClientError
@@ -95,6 +95,45 @@ class LoopThread:
             if caller is not None and not caller.cancelling():  # not the caller's own cancellation
                 raise _closed_meanwhile() from None
             raise
+
+    async def aiter(self, stream: AsyncIterator[T]) -> AsyncIterator[T]:
+        """Iterate from any event loop an async iterator that runs on this one.
+
+        A small queue between the two loops passes items (and a raised exception) across, and keeps
+        backpressure: the stream advances only as fast as the caller consumes.
+        """
+        if self.in_loop():
+            async for item in stream:
+                yield item
+            return
+        caller = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
+        end = object()
+
+        async def put(item: Any) -> None:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(queue.put(item), caller))
+
+        async def pump() -> None:
+            try:
+                async for item in stream:
+                    await put(item)
+            except Exception as exc:
+                await put(exc)
+                raise
+            else:
+                await put(end)
+
+        future = asyncio.run_coroutine_threadsafe(pump(), self.loop)
+        try:
+            while True:
+                item = await queue.get()
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            future.cancel()
 
     def stop(self) -> None:
         """Close what was registered, then end the thread; safe to call twice, and at interpreter exit."""

@@ -405,40 +405,10 @@ class ClientvLLM(BaseModel):
         consumed. Failed inputs are yielded with an ``"error"`` record, never raised. With
         ``checkpoint``, results saved by an earlier run are skipped, not yielded again.
         """
-        loop = asyncio.get_running_loop()
-        if loop is self._loop._loop:
-            async for batch in self._stream(inputs, num_generations, progress, checkpoint, kwargs):
-                for item in batch:
-                    yield item
-            return
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
-        end = object()
-
-        async def put(item: Any) -> None:
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(queue.put(item), loop))
-
-        async def pump() -> None:
-            try:
-                async for batch in self._stream(inputs, num_generations, progress, checkpoint, kwargs):
-                    await put(batch)
-            except Exception as exc:
-                await put(exc)
-                raise
-            else:
-                await put(end)
-
-        future = asyncio.run_coroutine_threadsafe(pump(), self._loop.loop)
-        try:
-            while True:
-                batch = await queue.get()
-                if batch is end:
-                    return
-                if isinstance(batch, BaseException):
-                    raise batch
-                for item in batch:
-                    yield item
-        finally:
-            future.cancel()
+        stream = self._stream(inputs, num_generations, progress, checkpoint, kwargs)
+        async for batch in self._loop.aiter(stream):
+            for item in batch:
+                yield item
 
     async def _collect(
         self,

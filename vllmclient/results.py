@@ -63,12 +63,17 @@ class GenerationError:
         return f"GenerationError(index={self.index}, type={self.type!r}{status}, message={self.message!r})"
 
 
-def failed_output(num_generations: int, error: GenerationError) -> GenerateOutput:
-    """The placeholder for an input that failed: ``None`` in every per-generation slot."""
+def empty_output(num_generations: int) -> GenerateOutput:
+    """An output with ``None`` in every per-generation slot, to be filled in (or left, on failure)."""
     nones: list[Any] = [None] * num_generations
     return {
         "generations": list(nones),
         "statistics": {"input_tokens": list(nones), "output_tokens": list(nones)},
         "finish_reasons": list(nones),
-        "error": error,
     }
+
+
+def failed_output(num_generations: int, error: GenerationError) -> GenerateOutput:
+    output = empty_output(num_generations)
+    output["error"] = error
+    return output
