@@ -3,7 +3,7 @@
 All network work runs on this loop, whoever calls: a plain script, a Jupyter cell (whose loop is
 already running), or a coroutine in any other loop. So the SDK client is bound to exactly one loop
 for its whole life (reusing it across loops fails with "Event loop is closed"), and no global
-patching such as nest_asyncio is needed.
+patching of asyncio is needed.
 """
 
 from __future__ import annotations
