@@ -185,9 +185,9 @@ class Engine:
         end = object()
         window = Capacity(self.capacity.limit)
         unit = min(request.n, self.capacity.limit)  # what one prompt holds; a huge n runs alone
-        holding: dict[asyncio.Task[None], tuple[int, int]] = {}  # packs in flight -> (shared, window) held
+        holding: dict[asyncio.Task[None], int] = {}  # packs in flight -> what each holds of both limits
 
-        async def send(pack: list[tuple[int, Any]], shared: int, windowed: int) -> None:
+        async def send(pack: list[tuple[int, Any]], held: int) -> None:
             start = time.perf_counter()
             try:
                 results = await self._send_pack(pack, request)
@@ -195,8 +195,8 @@ class Engine:
                 results = [(index, _failed(index, request, exc)) for index, _ in pack]
             if not request.chat:
                 self.sizer.observe(time.perf_counter() - start)
-            self.capacity.release(shared)
-            done.put_nowait((results, windowed))  # from here the consumer releases the window
+            self.capacity.release(held)
+            done.put_nowait((results, held))  # from here the consumer releases the window
             holding.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
 
         async def produce() -> None:
@@ -228,7 +228,7 @@ class Engine:
                     done.put_nowait((rejected, len(rejected) * unit))
                 if pack:
                     held = len(pack) * unit
-                    holding[asyncio.create_task(send(pack, held, held))] = (held, held)
+                    holding[asyncio.create_task(send(pack, held))] = held
             while holding:
                 await asyncio.wait(set(holding))
 
@@ -257,8 +257,8 @@ class Engine:
             for task in holding:
                 task.cancel()
             await asyncio.gather(producer, *holding, return_exceptions=True)
-            for shared, _ in holding.values():  # packs abandoned mid-flight (or before they started)
-                self.capacity.release(shared)
+            for held in holding.values():  # packs abandoned mid-flight (or before they started)
+                self.capacity.release(held)
             holding.clear()
 
     async def _send_pack(self, pack: list[tuple[int, Any]], request: Request) -> list[tuple[int, GenerateOutput]]:
@@ -269,6 +269,7 @@ class Engine:
                 data = await self.post("/chat/completions", request.with_messages(messages))
                 return [(index, _read(_chat_output, data, request))]
             data = await self.post("/completions", request.with_prompts([prompt for _, prompt in pack]))
+            outputs = _read(_completion_outputs, data, len(pack), request)
         except BadRequestError as exc:
             param = exc.body.get("param") if isinstance(exc.body, dict) else None
             if len(pack) == 1 or (param is not None and param not in _INPUT_PARAMS):
@@ -278,11 +279,7 @@ class Engine:
                 self._send_pack(pack[:middle], request), self._send_pack(pack[middle:], request)
             )
             return left + right
-        except APIError as exc:
-            return [(index, _failed(index, request, exc)) for index, _ in pack]
-        try:
-            outputs = _read(_completion_outputs, data, len(pack), request)
-        except APIError as exc:
+        except APIError as exc:  # includes an answer we cannot read
             return [(index, _failed(index, request, exc)) for index, _ in pack]
         return [(index, outputs[position]) for position, (index, _) in enumerate(pack)]
 
