@@ -11,9 +11,12 @@
 // GET /v1/models, GET /health (empty 200).
 // GET /stats[?reset=1]: own CPU (process.cpuUsage, µs), requests/prompts answered, max requests and prompts
 //   in flight (reset=1 restarts the max counters after reading them).
-// With --latency MS every completion is answered MS milliseconds after its body was read.
+// With --latency MS every completion is answered MS milliseconds after its request arrived: the server's own
+//   work (parsing, building and serializing the answer) is done inside that time, as on a real server, so
+//   packs arriving together do not queue behind each other's processing on top of the latency.
 'use strict';
 const http = require('http');
+const { performance } = require('perf_hooks');
 
 const args = process.argv.slice(2);
 function opt(name, dflt) {
@@ -85,6 +88,7 @@ function completion(body) {
 const server = http.createServer((req, res) => {
   const url = req.url;
   if (req.method === 'POST' && url === '/v1/completions') {
+    const arrived = performance.now();
     const chunks = [];
     req.on('data', (c) => chunks.push(c));
     req.on('end', () => {
@@ -102,12 +106,14 @@ const server = http.createServer((req, res) => {
       stats.inflight_prompts += np;
       if (stats.inflight > stats.max_inflight) stats.max_inflight = stats.inflight;
       if (stats.inflight_prompts > stats.max_inflight_prompts) stats.max_inflight_prompts = stats.inflight_prompts;
+      const body200 = JSON.stringify(payload);
       const done = () => {
         stats.inflight--;
         stats.inflight_prompts -= np;
-        send(res, 200, payload);
+        res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body200) });
+        res.end(body200);
       };
-      if (LATENCY > 0) setTimeout(done, LATENCY);
+      if (LATENCY > 0) setTimeout(done, Math.max(0, LATENCY - (performance.now() - arrived)));
       else done();  // answered inside its own callback: max in flight is 1 without latency
     });
     return;
