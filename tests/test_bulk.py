@@ -106,9 +106,10 @@ def llm(fake_vllm, tokenizer_dir) -> Iterator[ClientvLLM]:
         ("/v1/completions", 8, 1, 1, 80),
         ("/v1/completions", 12, None, 3, 40),
         ("/v1/completions", 12, 1, 3, 40),
+        ("/v1/completions", 13, None, 1, 130),  # packs of 3 and 2 tile 13 slots exactly
         ("/v1/chat/completions", 8, None, 1, 40),  # tokenizer=None: the server applies the template
     ],
-    ids=["packed", "pack_size=1", "n=3-packed", "n=3-pack_size=1", "chat"],
+    ids=["packed", "pack_size=1", "n=3-packed", "n=3-pack_size=1", "13-slots", "chat"],
 )
 def test_sequences_in_flight_never_exceed_max_concurrency_and_reach_it(
     fake_vllm, tokenizer_dir, endpoint, max_concurrency, pack_size, num_generations, count
@@ -134,6 +135,57 @@ async def test_many_concurrent_agenerate_calls_share_the_limit(fake_vllm, tokeni
     assert fake_vllm.max_in_flight_sequences <= 16
     assert fake_vllm.max_in_flight_sequences == 16
     assert len(fake_vllm.requests_to("/v1/completions")) == 160
+
+
+@pytest.mark.asyncio
+async def test_a_request_waiting_to_retry_holds_no_slots(fake_vllm, tokenizer_dir):
+    """Slots count what the server is working on: during the SDK's back-off another request goes first."""
+    fake_vllm.fail_next(503, headers={"retry-after": "0.5"})
+    async with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=tokenizer_dir, max_concurrency=1, max_retries=1) as llm:
+        first = asyncio.create_task(llm.agenerate(user("[[a]] x"), max_new_tokens=4))
+        assert await await_until(lambda: len(packs(fake_vllm)) == 1 and fake_vllm.in_flight_requests == 0)
+        second = await llm.agenerate(user("[[b]] x"), max_new_tokens=4)
+        assert second["generations"][0].split()[0] == "b"
+        assert (await first)["generations"][0].split()[0] == "a"
+    tags = [prompt.split("[[")[1][0] for pack in packs(fake_vllm) for prompt in pack]
+    assert tags == ["a", "b", "a"]  # a (503), b during a's back-off, a's retry
+    assert fake_vllm.max_in_flight_sequences == 1
+
+
+def test_the_users_event_hooks_run_beside_the_clients_own(fake_vllm, tokenizer_dir):
+    fake_vllm.latency = 0.05
+    seen: list[str] = []
+
+    async def hook(request: Any) -> None:
+        seen.append(request.url.path)
+
+    hooks = {"request": [hook]}
+    with client(fake_vllm, tokenizer_dir, max_concurrency=4, httpx_client_kwargs={"event_hooks": hooks}) as llm:
+        outputs = llm.generate(tagged(20), max_new_tokens=4, progress=False)
+    assert all(starts_with_tag(output, i) for i, output in enumerate(outputs))
+    assert seen.count("/v1/completions") == len(packs(fake_vllm)) > 1
+    assert fake_vllm.max_in_flight_sequences == 4
+    assert hooks == {"request": [hook]}  # the caller's dict is left as it was
+
+
+@pytest.mark.asyncio
+async def test_a_waiter_cancelled_before_its_turn_takes_no_capacity():
+    """The race behind abandoning a stream: a queued pack is cancelled just as the slots it waits for free up."""
+    from vllmclient._engine import Capacity
+
+    capacity = Capacity(4)
+    await capacity.acquire(4)
+    first = asyncio.create_task(capacity.acquire(4))
+    second = asyncio.create_task(capacity.acquire(2))
+    await asyncio.sleep(0)
+    first.cancel()  # its future is cancelled while it is still first in the queue
+    capacity.release(4)
+    assert await second == 2
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert capacity.used == 2
+    capacity.release(2)
+    assert await asyncio.wait_for(capacity.acquire(4), 1) == 4
 
 
 # -- results come back in input order ------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import json
 import logging
 import math
@@ -40,50 +41,40 @@ _INPUT_PARAMS = frozenset({"input_tokens", "input_text", "prompt", "messages"})
 
 
 class Capacity:
-    """An async counting limiter over sequences (prompts × n) in flight; FIFO, so no caller starves.
-
-    Callers take whole prompts of ``unit`` sequences each: as many as are free, up to ``most``, once at
-    least ``least`` are. Waiting for a full pack would leave freed slots idle meanwhile; taking any
-    single free slot would split packs into ever smaller fragments.
-    """
+    """An async counting limiter over sequences (prompts × n); FIFO, so no caller starves."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self._waiters: collections.deque[tuple[int, int, int, asyncio.Future[int]]] = collections.deque()
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
-    async def acquire(self, most: int, unit: int = 1, least: int = 1) -> int:
-        """Wait for room for ``least`` prompts, take up to ``most``; returns the sequences taken."""
-        unit = min(unit, self.limit)  # one prompt whose n exceeds the limit runs alone
-        need = max(1, min(least, most, self.limit // unit)) * unit
-        if not self._waiters and self.used + need <= self.limit:
-            return self._take(most, unit)
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        entry = (most, unit, need, future)
+    async def acquire(self, amount: int) -> int:
+        """Wait until ``amount`` is free and take it; returns what was taken (an amount over the limit
+        takes the whole limit, so one prompt whose n exceeds it runs alone)."""
+        amount = min(amount, self.limit)
+        if not self._waiters and self.used + amount <= self.limit:
+            self.used += amount
+            return amount
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (amount, future)
         self._waiters.append(entry)
         try:
-            return await future
+            await future
         except BaseException:
             if future.done() and not future.cancelled():
-                self.release(future.result())  # granted just as we were cancelled
+                self.release(amount)  # granted just as we were cancelled
             elif entry in self._waiters:
                 self._waiters.remove(entry)
             raise
-
-    def _take(self, most: int, unit: int) -> int:
-        taken = max(1, min(most, (self.limit - self.used) // unit)) * unit
-        self.used += taken
-        return taken
+        return amount
 
     def release(self, amount: int) -> None:
         self.used -= amount
-        while self._waiters:
-            most, unit, need, future = self._waiters[0]
-            if self.used + need > self.limit:
-                break
-            self._waiters.popleft()
-            if not future.done():
-                future.set_result(self._take(most, unit))
+        while self._waiters and self.used + self._waiters[0][0] <= self.limit:
+            amount, future = self._waiters.popleft()
+            if not future.done():  # a waiter cancelled before it could leave the queue takes nothing
+                self.used += amount
+                future.set_result(None)
 
 
 class PackSizer:
@@ -93,30 +84,78 @@ class PackSizer:
     size), but a pack returns only when its longest generation ends, holding the slots of the others.
     So packs shrink as requests get slow: the target is ~TARGET_REQUESTS_PER_SECOND requests, which
     keeps SDK overhead low, and at least 4 requests in flight so the server never waits on the client.
+    Successive packs tile the slots exactly (sizes differ by at most one), so none are left idle.
     """
 
     def __init__(self, fixed: int | None) -> None:
         self.fixed = fixed
         self.latency: float | None = None  # exponentially weighted mean seconds per request
+        self._turn = 0
 
     def size(self, slots: int) -> int:
         if self.fixed is not None:
             return max(1, min(self.fixed, slots))
-        ceiling = max(1, min(PACK_CAP, slots // 4))
-        if self.latency is None:
-            return ceiling
-        wanted = math.ceil(slots / (self.latency * TARGET_REQUESTS_PER_SECOND))
-        return max(1, min(ceiling, wanted))
-
-    def bounds(self, size: int) -> tuple[int, int]:
-        """The most and the least prompts to wait for: adaptive packs absorb leftover slots (up to
-        1.5 × size) and wait for at least half a pack, so packs never crumble into fragments."""
-        if self.fixed is not None:
-            return size, max(1, size // 2)
-        return min(PACK_CAP, size * 3 // 2), max(1, size // 2)
+        size = max(1, min(PACK_CAP, slots // 4))
+        if self.latency is not None:
+            size = max(1, min(size, math.ceil(slots / (self.latency * TARGET_REQUESTS_PER_SECOND))))
+        packs = math.ceil(slots / size)
+        self._turn = (self._turn + 1) % packs
+        return slots // packs + (self._turn < slots % packs)
 
     def observe(self, seconds: float) -> None:
         self.latency = seconds if self.latency is None else 0.8 * self.latency + 0.2 * seconds
+
+
+class _Ticket:
+    """One request's claim on the server's capacity.
+
+    Taken when the SDK hands the built request to the transport and given back when the answer's
+    headers arrive (httpx2 event hooks), so the SDK's own work on either side overlaps other requests'
+    time on the server instead of leaving slots idle; a retry after an error answer queues again.
+    """
+
+    __slots__ = ("amount", "capacity", "entered", "held", "seconds")
+
+    def __init__(self, capacity: Capacity, amount: int) -> None:
+        self.capacity, self.amount = capacity, amount
+        self.held = False
+        self.entered = 0.0
+        self.seconds: float | None = None
+
+    async def enter(self) -> None:
+        if not self.held:
+            self.amount = await self.capacity.acquire(self.amount)
+            self.held, self.entered = True, time.perf_counter()
+
+    def leave(self) -> None:
+        if self.held:
+            self.held = False
+            self.capacity.release(self.amount)
+            self.seconds = time.perf_counter() - self.entered
+
+
+_ticket: contextvars.ContextVar[_Ticket | None] = contextvars.ContextVar("vllmclient_ticket", default=None)
+
+
+async def _on_request(request: httpx2.Request) -> None:
+    ticket = _ticket.get()
+    if ticket is not None:
+        await ticket.enter()
+
+
+async def _on_response(response: httpx2.Response) -> None:
+    ticket = _ticket.get()
+    if ticket is not None:
+        ticket.leave()
+
+
+def http_client(kwargs: dict[str, Any] | None) -> openai.DefaultAioHttpClient:
+    """The SDK's aiohttp-backed HTTP client, with the hooks that count capacity (after the user's own)."""
+    kwargs = dict(kwargs or {})
+    hooks = {key: list(value) for key, value in (kwargs.pop("event_hooks", None) or {}).items()}
+    hooks.setdefault("request", []).append(_on_request)
+    hooks.setdefault("response", []).append(_on_response)
+    return openai.DefaultAioHttpClient(event_hooks=hooks, **kwargs)
 
 
 class Engine:
@@ -137,9 +176,22 @@ class Engine:
         self.capacity = Capacity(max_concurrency)
         self.sizer = PackSizer(pack_size)
 
-    async def post(self, path: str, body: dict[str, Any]) -> Any:
-        """One request through the SDK (its retries and timeouts), JSON decoded without model parsing."""
-        return await self._call(self.aclient.post(path, cast_to=httpx2.Response, body=body))
+    async def post(self, path: str, body: dict[str, Any], sequences: int = 0) -> Any:
+        """One request through the SDK (its retries and timeouts), JSON decoded without model parsing.
+
+        ``sequences`` is what the request holds of the capacity while the server works on it.
+        """
+        ticket = _Ticket(self.capacity, sequences) if sequences else None
+        token = _ticket.set(ticket)
+        try:
+            data = await self._call(self.aclient.post(path, cast_to=httpx2.Response, body=body))
+        finally:
+            _ticket.reset(token)
+            if ticket is not None:
+                ticket.leave()
+        if ticket is not None and ticket.seconds is not None:
+            self.sizer.observe(ticket.seconds)
+        return data
 
     async def get(self, path: str) -> Any:
         return await self._call(self.aclient.get(path, cast_to=httpx2.Response))
@@ -161,76 +213,75 @@ class Engine:
 
     async def one(self, payload: Any, request: Request) -> GenerateOutput:
         """A single input; errors are raised (agenerate's contract)."""
-        taken = await self.capacity.acquire(1, request.n)
-        try:
-            if request.chat:
-                data = await self.post("/chat/completions", request.with_messages(payload))
-                return _read(_chat_output, data, request)
-            data = await self.post("/completions", request.with_prompts([payload]))
-            return _read(_completion_outputs, data, 1, request)[0]
-        finally:
-            self.capacity.release(taken)
+        if request.chat:
+            data = await self.post("/chat/completions", request.with_messages(payload), request.n)
+            return _read(_chat_output, data, request)
+        data = await self.post("/completions", request.with_prompts([payload]), request.n)
+        return _read(_completion_outputs, data, 1, request)[0]
 
     async def stream(
         self, items: Iterable[tuple[int, Any]], request: Request, prepare: Prepare
     ) -> AsyncIterator[list[tuple[int, GenerateOutput]]]:
-        """Yield batches of ``(index, output)`` as packs complete; inputs are read only as slots free up.
+        """Yield batches of ``(index, output)`` as packs complete; inputs are read only as room frees up.
 
-        Two limits: the client's shared capacity counts what the server is working on (given back as
-        soon as it answers, so other calls, even ones made from inside this loop's consumer, go on);
-        this stream's window also counts results not yet taken from here, so a slow consumer slows
-        the producer and memory stays flat however many inputs there are.
+        The client's shared capacity counts what the server is working on (see ``_Ticket``), so other
+        calls, even ones made from inside this stream's consumer, go on. This stream's window bounds
+        everything it holds: packs built and waiting for capacity (up to one capacity's worth, so a
+        freed slot never waits on the client), packs on the server, and results not yet taken from here.
+        So a slow consumer slows the producer and memory stays flat however many inputs there are.
         """
         done: asyncio.Queue[Any] = asyncio.Queue()
         end = object()
-        window = Capacity(self.capacity.limit)
+        window = Capacity(2 * self.capacity.limit)
         unit = min(request.n, self.capacity.limit)  # what one prompt holds; a huge n runs alone
-        holding: dict[asyncio.Task[None], int] = {}  # packs in flight -> what each holds of both limits
+        sending: set[asyncio.Task[None]] = set()
 
-        async def send(pack: list[tuple[int, Any]], held: int) -> None:
-            start = time.perf_counter()
+        async def send(pack: list[tuple[int, Any]]) -> None:
             try:
                 results = await self._send_pack(pack, request)
             except Exception as exc:  # noqa: BLE001 - whatever went wrong fails this pack, never the whole job
                 results = [(index, _failed(index, request, exc)) for index, _ in pack]
-            if not request.chat:
-                self.sizer.observe(time.perf_counter() - start)
-            self.capacity.release(held)
-            done.put_nowait((results, held))  # from here the consumer releases the window
-            holding.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            done.put_nowait((results, len(pack) * unit))  # from here the consumer releases the window
+            sending.discard(asyncio.current_task())  # type: ignore[arg-type]
 
         async def produce() -> None:
             slots = max(1, self.capacity.limit // unit)
             iterator = iter(items)
+            ready: collections.deque[tuple[int, Any, GenerateOutput | None]] = collections.deque()
             exhausted = False
-            while not exhausted:
+            while True:
                 size = 1 if request.chat else self.sizer.size(slots)
-                most, least = self.sizer.bounds(size)
-                room = await window.acquire(most, unit, least) // unit
-                shared = await self.capacity.acquire(room, unit, min(least, room))
-                window.release((room - shared // unit) * unit)
-                room = shared // unit
-                pack: list[tuple[int, Any]] = []
-                rejected: list[tuple[int, GenerateOutput]] = []
-                while len(pack) + len(rejected) < room:  # rejected inputs use room too: reading stays lazy
+                # Prepare the next pack while the server is busy: rendering is then off the path from a
+                # freed slot to the next request.
+                while not exhausted and len(ready) < size:
                     try:
                         index, item = next(iterator)
                     except StopIteration:
                         exhausted = True
                         break
                     try:
-                        pack.append((index, prepare(index, item)))
+                        ready.append((index, prepare(index, item), None))
                     except VLLMClientError as exc:
-                        rejected.append((index, _failed(index, request, exc)))
-                self.capacity.release((room - len(pack)) * unit)  # the server sees only the pack
-                window.release((room - len(pack) - len(rejected)) * unit)
+                        ready.append((index, None, _failed(index, request, exc)))
+                if not ready:
+                    break
+                size = min(size, len(ready))
+                await window.acquire(size * unit)  # rejected inputs use room too: reading stays lazy
+                pack: list[tuple[int, Any]] = []
+                rejected: list[tuple[int, GenerateOutput]] = []
+                for _ in range(size):
+                    index, payload, failure = ready.popleft()
+                    if failure is None:
+                        pack.append((index, payload))
+                    else:
+                        rejected.append((index, failure))
                 if rejected:
                     done.put_nowait((rejected, len(rejected) * unit))
                 if pack:
-                    held = len(pack) * unit
-                    holding[asyncio.create_task(send(pack, held))] = held
-            while holding:
-                await asyncio.wait(set(holding))
+                    sending.add(asyncio.create_task(send(pack)))
+                    await asyncio.sleep(0)  # let the SDK build this request before preparing the next
+            while sending:
+                await asyncio.wait(set(sending))
 
         async def run_producer() -> None:
             try:
@@ -254,21 +305,19 @@ class Engine:
                 yield results
         finally:
             producer.cancel()
-            for task in holding:
+            for task in sending:
                 task.cancel()
-            await asyncio.gather(producer, *holding, return_exceptions=True)
-            for held in holding.values():  # packs abandoned mid-flight (or before they started)
-                self.capacity.release(held)
-            holding.clear()
+            await asyncio.gather(producer, *sending, return_exceptions=True)  # each gives back its capacity
 
     async def _send_pack(self, pack: list[tuple[int, Any]], request: Request) -> list[tuple[int, GenerateOutput]]:
         """Send a pack; on a 400 about its prompts, split it so that only the guilty inputs fail."""
         try:
             if request.chat:
                 (index, messages), = pack
-                data = await self.post("/chat/completions", request.with_messages(messages))
+                data = await self.post("/chat/completions", request.with_messages(messages), request.n)
                 return [(index, _read(_chat_output, data, request))]
-            data = await self.post("/completions", request.with_prompts([prompt for _, prompt in pack]))
+            prompts = [prompt for _, prompt in pack]
+            data = await self.post("/completions", request.with_prompts(prompts), len(pack) * request.n)
             outputs = _read(_completion_outputs, data, len(pack), request)
         except BadRequestError as exc:
             param = exc.body.get("param") if isinstance(exc.body, dict) else None

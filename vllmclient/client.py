@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import openai
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from ._engine import Engine
+from ._engine import Engine, http_client
 from ._sampling import Request, build_request
 from ._server import choose_model, parse_models
 from ._sync import LoopThread
@@ -47,7 +47,7 @@ _RUNTIME_PARAMETERS = {
     "max_retries": "How many times the SDK retries a failed request (connection errors, 408/409/429/5xx).",
     "timeout": "Seconds to wait for each request before the SDK gives up on it (then retries).",
     "httpx_client_kwargs": "Extra keyword arguments for the HTTP client the SDK uses (limits, verify, proxy, ...).",
-    "max_concurrency": "The most sequences (prompts x num_generations) in flight at once.",
+    "max_concurrency": "The most sequences (prompts x num_generations) the server works on at once.",
 }
 _DISTILABEL_ONLY = {
     "use_offline_batch_generation": (False, "vLLM serves no OpenAI Batch API; use generate(..., checkpoint=...)"),
@@ -265,7 +265,7 @@ class ClientvLLM(BaseModel):
             max_retries=self.max_retries,
             timeout=self.timeout,
             default_headers=self.default_headers,
-            http_client=openai.DefaultAioHttpClient(**(self.httpx_client_kwargs or {})),
+            http_client=http_client(self.httpx_client_kwargs),
         )
         engine = Engine(
             aclient,
