@@ -34,7 +34,7 @@ BPE (vocab 2000, Llama-3 special tokens and chat template) built here; the JSON 
 Commands (from the repository root, with the dev venv)::
 
     /work/venv/bin/python benchmarks/run.py --repeats 3 --out /tmp/bench-0ms.json
-    /work/venv/bin/python benchmarks/run.py --latency-ms 100 --n 2000 --repeats 3 --out /tmp/bench-100ms.json
+    /work/venv/bin/python benchmarks/run.py --latency-ms 100 --repeats 3 --out /tmp/bench-100ms.json
     /work/venv/bin/python benchmarks/run.py --stream-1m --out /tmp/bench-stream.json
     /work/venv/bin/python benchmarks/run.py --kinds aiohttp,openai-aiohttp --n 500 --repeats 1   # quick look
     node benchmarks/fake_server.js --port 8000 --latency 100   # the server alone
