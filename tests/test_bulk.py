@@ -152,6 +152,16 @@ async def test_a_request_waiting_to_retry_holds_no_slots(fake_vllm, tokenizer_di
     assert fake_vllm.max_in_flight_sequences == 1
 
 
+@pytest.mark.asyncio
+async def test_waiting_for_a_slot_does_not_count_against_the_timeout(fake_vllm, tokenizer_dir):
+    """``timeout`` is about the server's time on a request, not its place in the client's queue."""
+    fake_vllm.latency = 0.3
+    async with client(fake_vllm, tokenizer_dir, max_concurrency=1, timeout=0.5) as llm:
+        outputs = await asyncio.gather(*(llm.agenerate(conversation, max_new_tokens=4) for conversation in tagged(4)))
+    assert all(starts_with_tag(output, i) for i, output in enumerate(outputs))  # the last waited ~0.9 s
+    assert fake_vllm.max_in_flight_sequences == 1
+
+
 def test_the_users_event_hooks_run_beside_the_clients_own(fake_vllm, tokenizer_dir):
     fake_vllm.latency = 0.05
     seen: list[str] = []
