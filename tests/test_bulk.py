@@ -153,6 +153,20 @@ async def test_a_request_waiting_to_retry_holds_no_slots(fake_vllm, tokenizer_di
 
 
 @pytest.mark.asyncio
+async def test_a_cancelled_waiter_does_not_block_those_queued_behind_it():
+    from vllmclient._engine import Capacity
+
+    capacity = Capacity(4)
+    await capacity.acquire(3)
+    big = asyncio.create_task(capacity.acquire(4))  # e.g. a pack of an abandoned stream
+    small = asyncio.create_task(capacity.acquire(1))  # e.g. an agenerate queued behind it
+    await asyncio.sleep(0)
+    big.cancel()
+    assert await asyncio.wait_for(small, 1) == 1  # the free slot goes to it without waiting for a release
+    assert capacity.used == 4
+
+
+@pytest.mark.asyncio
 async def test_waiting_for_a_slot_does_not_count_against_the_timeout(fake_vllm, tokenizer_dir):
     """``timeout`` is about the server's time on a request, not its place in the client's queue."""
     fake_vllm.latency = 0.3

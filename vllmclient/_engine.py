@@ -65,16 +65,25 @@ class Capacity:
                 self.release(amount)  # granted just as we were cancelled
             elif entry in self._waiters:
                 self._waiters.remove(entry)
+                self._wake()  # those queued behind it may fit now
             raise
         return amount
 
     def release(self, amount: int) -> None:
         self.used -= amount
-        while self._waiters and self.used + self._waiters[0][0] <= self.limit:
-            amount, future = self._waiters.popleft()
-            if not future.done():  # a waiter cancelled before it could leave the queue takes nothing
-                self.used += amount
-                future.set_result(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            amount, future = self._waiters[0]
+            if future.done():  # cancelled while queued: takes nothing, and must not block those behind it
+                self._waiters.popleft()
+                continue
+            if self.used + amount > self.limit:
+                break
+            self._waiters.popleft()
+            self.used += amount
+            future.set_result(None)
 
 
 class PackSizer:
@@ -84,7 +93,7 @@ class PackSizer:
     size), but a pack returns only when its longest generation ends, holding the slots of the others.
     So packs shrink as requests get slow: the target is ~TARGET_REQUESTS_PER_SECOND requests, which
     keeps SDK overhead low, and at least 4 requests in flight so the server never waits on the client.
-    Successive packs tile the slots exactly (sizes differ by at most one), so none are left idle.
+    Successive sizes differ by at most one and add up to the slots, so in steady state no slot is left over.
     """
 
     def __init__(self, fixed: int | None) -> None:
@@ -111,7 +120,8 @@ class _Ticket:
 
     Taken when the SDK hands the built request to the transport and given back when the answer's
     headers arrive (httpx2 event hooks), so the SDK's own work on either side overlaps other requests'
-    time on the server instead of leaving slots idle; a retry after an error answer queues again.
+    time on the server instead of leaving slots idle. A retry after an error answer queues again; one
+    after a connection error (no answer) keeps its slots through the SDK's back-off.
     """
 
     __slots__ = ("amount", "capacity", "entered", "held", "seconds")
@@ -125,7 +135,8 @@ class _Ticket:
     async def enter(self) -> None:
         if not self.held:
             self.amount = await self.capacity.acquire(self.amount)
-            self.held, self.entered = True, time.perf_counter()
+            self.held = True
+        self.entered = time.perf_counter()  # a retry's back-off is not the server's time
 
     def leave(self) -> None:
         if self.held:
@@ -150,11 +161,17 @@ async def _on_response(response: httpx2.Response) -> None:
 
 
 def http_client(kwargs: dict[str, Any] | None) -> openai.DefaultAioHttpClient:
-    """The SDK's aiohttp-backed HTTP client, with the hooks that count capacity (after the user's own)."""
+    """The SDK's aiohttp-backed HTTP client, with the hooks that count capacity.
+
+    They run before the user's own: a request hook (e.g. one that signs) then runs just before the
+    send, and a slow response hook does not keep the server's slots.
+    """
     kwargs = dict(kwargs or {})
-    hooks = {key: list(value) for key, value in (kwargs.pop("event_hooks", None) or {}).items()}
-    hooks.setdefault("request", []).append(_on_request)
-    hooks.setdefault("response", []).append(_on_response)
+    user = kwargs.pop("event_hooks", None) or {}
+    hooks = {
+        "request": [_on_request, *user.get("request", ())],
+        "response": [_on_response, *user.get("response", ())],
+    }
     return openai.DefaultAioHttpClient(event_hooks=hooks, **kwargs)
 
 
@@ -222,7 +239,7 @@ class Engine:
     async def stream(
         self, items: Iterable[tuple[int, Any]], request: Request, prepare: Prepare
     ) -> AsyncIterator[list[tuple[int, GenerateOutput]]]:
-        """Yield batches of ``(index, output)`` as packs complete; inputs are read only as room frees up.
+        """Yield batches of ``(index, output)`` as packs complete; inputs are read at most a pack ahead of room.
 
         The client's shared capacity counts what the server is working on (see ``_Ticket``), so other
         calls, even ones made from inside this stream's consumer, go on. This stream's window bounds
