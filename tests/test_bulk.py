@@ -176,6 +176,23 @@ async def test_waiting_for_a_slot_does_not_count_against_the_timeout(fake_vllm, 
     assert fake_vllm.max_in_flight_sequences == 1
 
 
+@pytest.mark.asyncio
+async def test_a_slow_response_hook_of_the_users_does_not_hold_the_slot(fake_vllm, tokenizer_dir):
+    fake_vllm.latency = 0.05
+    sent_while_first_hook_ran: list[int] = []
+
+    async def slow(response: Any) -> None:
+        if response.request.url.path.endswith("/completions") and not sent_while_first_hook_ran:
+            sent_while_first_hook_ran.append(0)
+            await asyncio.sleep(0.3)
+            sent_while_first_hook_ran[0] = len(packs(fake_vllm))
+
+    hooks = {"response": [slow]}
+    async with client(fake_vllm, tokenizer_dir, max_concurrency=1, httpx_client_kwargs={"event_hooks": hooks}) as llm:
+        await asyncio.gather(*(llm.agenerate(conversation, max_new_tokens=4) for conversation in tagged(2)))
+    assert sent_while_first_hook_ran == [2]  # the slot was given back before the user's hook ran
+
+
 def test_the_users_event_hooks_run_beside_the_clients_own(fake_vllm, tokenizer_dir):
     fake_vllm.latency = 0.05
     seen: list[str] = []
