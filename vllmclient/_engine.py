@@ -193,20 +193,19 @@ class Engine:
         self.capacity = Capacity(max_concurrency)
         self.sizer = PackSizer(pack_size)
 
-    async def post(self, path: str, body: dict[str, Any], sequences: int = 0) -> Any:
+    async def post(self, path: str, body: dict[str, Any], sequences: int) -> Any:
         """One request through the SDK (its retries and timeouts), JSON decoded without model parsing.
 
         ``sequences`` is what the request holds of the capacity while the server works on it.
         """
-        ticket = _Ticket(self.capacity, sequences) if sequences else None
+        ticket = _Ticket(self.capacity, sequences)
         token = _ticket.set(ticket)
         try:
             data = await self._call(self.aclient.post(path, cast_to=httpx2.Response, body=body))
         finally:
             _ticket.reset(token)
-            if ticket is not None:
-                ticket.leave()
-        if ticket is not None and ticket.seconds is not None:
+            ticket.leave()
+        if ticket.seconds is not None:
             self.sizer.observe(ticket.seconds)
         return data
 
@@ -230,11 +229,16 @@ class Engine:
 
     async def one(self, payload: Any, request: Request) -> GenerateOutput:
         """A single input; errors are raised (agenerate's contract)."""
+        return (await self._generate([payload], request))[0]
+
+    async def _generate(self, payloads: list[Any], request: Request) -> list[GenerateOutput]:
+        """One request for these payloads (a chat request takes exactly one); errors are raised."""
         if request.chat:
-            data = await self.post("/chat/completions", request.with_messages(payload), request.n)
-            return _read(_chat_output, data, request)
-        data = await self.post("/completions", request.with_prompts([payload]), request.n)
-        return _read(_completion_outputs, data, 1, request)[0]
+            (messages,) = payloads
+            data = await self.post("/chat/completions", request.with_messages(messages), request.n)
+            return [_read(_chat_output, data, request)]
+        data = await self.post("/completions", request.with_prompts(payloads), len(payloads) * request.n)
+        return _read(_completion_outputs, data, len(payloads), request)
 
     async def stream(
         self, items: Iterable[tuple[int, Any]], request: Request, prepare: Prepare
@@ -329,13 +333,7 @@ class Engine:
     async def _send_pack(self, pack: list[tuple[int, Any]], request: Request) -> list[tuple[int, GenerateOutput]]:
         """Send a pack; on a 400 about its prompts, split it so that only the guilty inputs fail."""
         try:
-            if request.chat:
-                (index, messages), = pack
-                data = await self.post("/chat/completions", request.with_messages(messages), request.n)
-                return [(index, _read(_chat_output, data, request))]
-            prompts = [prompt for _, prompt in pack]
-            data = await self.post("/completions", request.with_prompts(prompts), len(pack) * request.n)
-            outputs = _read(_completion_outputs, data, len(pack), request)
+            outputs = await self._generate([payload for _, payload in pack], request)
         except BadRequestError as exc:
             param = exc.body.get("param") if isinstance(exc.body, dict) else None
             if len(pack) == 1 or (param is not None and param not in _INPUT_PARAMS):

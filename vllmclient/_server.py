@@ -13,7 +13,6 @@ class ModelCard:
     id: str
     parent: str | None
     max_model_len: int | None
-    root: str | None
 
 
 def parse_models(payload: Any) -> list[ModelCard]:
@@ -28,7 +27,6 @@ def parse_models(payload: Any) -> list[ModelCard]:
             id=str(card["id"]),
             parent=card.get("parent"),
             max_model_len=card.get("max_model_len"),
-            root=card.get("root"),
         )
         for card in data
         if isinstance(card, dict) and "id" in card

@@ -169,7 +169,7 @@ class ClientvLLM(BaseModel):
         if name in _CONNECTION_FIELDS or name in _FORMATTER_FIELDS:
             self._loading = None  # a load under way uses the old settings
             if self._engine is not None:
-                self._discard_connection()  # rebuilt by the next load() or call
+                self.close()  # rebuilt by the next load() or call
 
     # -- distilabel's runtime parameters ------------------------------------------------------------
 
@@ -286,13 +286,10 @@ class ClientvLLM(BaseModel):
         self._model_name, self._max_model_len = name, max_len
         logger.info("vllmclient: using model %r at %s (max_model_len=%s)", name, api_base, max_len)
 
-    def _discard_connection(self) -> None:
-        self._aclient = self._engine = None
-        self._loop.stop()  # closes the SDK client; the next call reconnects
-
     def close(self) -> None:
         """Release connections and the private loop's thread; ``load()`` (or any call) reconnects."""
-        self._discard_connection()
+        self._aclient = self._engine = None
+        self._loop.stop()  # closes the SDK client
 
     unload = close  # distilabel's name
 
@@ -368,9 +365,9 @@ class ClientvLLM(BaseModel):
         An input that fails gets ``None`` generations and an ``"error"`` record; the others are
         unaffected. With ``strict=True`` a ``GenerationFailedError`` listing the failures is raised at
         the end instead (its ``results`` keep every output). ``progress`` shows a bar (default: for
-        100 inputs or more, and for iterables of unknown length). ``checkpoint`` names a file that saves each result as it completes, so
-        the same call after Ctrl-C or a crash sends only what is missing. ``kwargs`` are
-        ``agenerate``'s sampling parameters.
+        100 inputs or more, and for iterables of unknown length). ``checkpoint`` names a file that
+        saves each result as it completes, so the same call after Ctrl-C or a crash sends only what is
+        missing. ``kwargs`` are ``agenerate``'s sampling parameters.
         """
         return self._loop.run(self._collect(inputs, num_generations, strict, progress, checkpoint, kwargs))
 
