@@ -176,6 +176,9 @@ class _Tok:
         self.eos_id = self.fast.token_to_id(self.eos_text)
         self.vocab_size = self.fast.get_vocab_size(with_added_tokens=True)
         self.base_vocab_size = self.fast.get_vocab_size(with_added_tokens=False)
+        # vLLM's bound for its character check before tokenizing: the longest token's length in characters.
+        self.max_chars_per_token = max(len(self.fast.decode([i], skip_special_tokens=False))
+                                       for i in range(self.vocab_size))
         self._hf: Any = None
         self._hf_lock = threading.Lock()
         self.encode = lru_cache(maxsize=65536)(self._encode)
@@ -498,6 +501,8 @@ class FakeVLLM:
         latency: float = 0.0,
         request_id_headers: bool = False,
         port: int = 0,
+        version: str = VERSION,
+        reasoning_parser: bool = False,
     ) -> None:
         self.tokenizer_dir = Path(tokenizer_dir)
         self._tok = _get_tok(self.tokenizer_dir)
@@ -507,6 +512,8 @@ class FakeVLLM:
         self.api_key = api_key
         self.latency = latency
         self.request_id_headers = request_id_headers
+        self.version = version  # GET /version; "" answers 404 (a server without the route)
+        self.reasoning_parser = reasoning_parser  # as `vllm serve --reasoning-parser ...`: thinking split off
         self.requests: list[Recorded] = []
         self.completion_requests = 0
         self.max_in_flight_requests = 0
@@ -851,7 +858,9 @@ class FakeVLLM:
         return web.Response(status=200)
 
     async def _version(self, request: web.Request) -> web.StreamResponse:
-        return _json_response({"version": VERSION})
+        if not self.version:
+            raise _ApiError(404, "Not Found", type_="NotFoundError")
+        return _json_response({"version": self.version})
 
     async def _load(self, request: web.Request) -> web.StreamResponse:
         return _json_response({"server_load": 0})
@@ -956,7 +965,8 @@ class FakeVLLM:
         _validate_fields(body, _COMPLETION_FIELDS)
         model, max_model_len = self._resolve_model(body.get("model"))
         n = 1 if body.get("n") is None else body["n"]
-        prompts = self._parse_prompts(body)
+        prompts = [(text, _truncate(ids, body, max_model_len), is_tokens)
+                   for text, ids, is_tokens in self._parse_prompts(body)]
         for _text, ids, is_tokens in prompts:
             if len(ids) > max_model_len:
                 count = len(ids) if is_tokens else max_model_len + 1
@@ -1031,7 +1041,8 @@ class FakeVLLM:
                 "finish_reason": choice.finish_reason,
                 "stop_reason": choice.stop_reason,
                 "token_ids": list(choice.ids) if return_ids else None,
-                "prompt_logprobs": None,
+                "prompt_logprobs": (_prompt_logprobs(self._tok, prompt_ids, body["prompt_logprobs"])
+                                    if body.get("prompt_logprobs") is not None else None),
                 "prompt_token_ids": list(prompt_ids) if return_ids else None,
                 "routed_experts": None,
                 "weight_versions": None,
@@ -1135,7 +1146,15 @@ class FakeVLLM:
         await self._load_chat_template()
         n = 1 if body.get("n") is None else body["n"]
         prompt = self._render_chat(body)
-        prompt_ids = self._tok.encode(prompt, bool(body.get("add_special_tokens", False)))
+        max_chars = max_model_len * self._tok.max_chars_per_token
+        if body.get("truncate_prompt_tokens") is None and len(prompt) > max_chars:
+            raise _vllm_validation(
+                f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains "
+                f"{len(prompt)} characters (more than {max_chars} characters, which is the upper bound for "
+                f"{max_model_len} input tokens). Please reduce the length of the input prompt.",
+                "input_text", len(prompt))
+        prompt_ids = _truncate(self._tok.encode(prompt, bool(body.get("add_special_tokens", False))), body,
+                               max_model_len)
         if len(prompt_ids) > max_model_len:
             raise _vllm_validation(_context_message(max_model_len, len(prompt_ids), at_least=False, suffix=False),
                                    "input_tokens", len(prompt_ids))
@@ -1185,13 +1204,24 @@ class FakeVLLM:
                        choices: list[_Choice], k: int) -> web.Response:
         return_ids = bool(body.get("return_token_ids"))
         out = []
+        tools = body.get("tools") if body.get("tool_choice") != "none" else None
         for j, c in enumerate(choices):
+            message = {"role": "assistant", "content": c.text, "refusal": None, "annotations": None,
+                       "audio": None, "function_call": None, "reasoning": None, "tool_calls": []}
+            finish_reason = c.finish_reason
+            if tools:  # as a server with --tool-call-parser: the model "called" the first tool
+                name = tools[0]["function"]["name"]
+                message["content"] = None
+                message["tool_calls"] = [{"id": f"chatcmpl-tool-{j}", "type": "function",
+                                          "function": {"name": name, "arguments": json.dumps({"text": c.text})}}]
+                finish_reason = "tool_calls"
+            if self.reasoning_parser:
+                message["reasoning"] = f"thinking about choice {j}"
             out.append({
                 "index": j,
-                "message": {"role": "assistant", "content": c.text, "refusal": None, "annotations": None,
-                            "audio": None, "function_call": None, "reasoning": None},
+                "message": message,
                 "logprobs": _chat_logprobs(self._tok, c.ids, k, c.logprob_seed) if body.get("logprobs") else None,
-                "finish_reason": c.finish_reason,
+                "finish_reason": finish_reason,
                 "stop_reason": c.stop_reason,
                 "token_ids": list(c.ids) if return_ids else None,
                 "routed_experts": None,
@@ -1200,7 +1230,9 @@ class FakeVLLM:
             "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": out, "service_tier": None, "system_fingerprint": self._fingerprint,
             "usage": _usage(len(prompt_ids), sum(len(c.ids) for c in choices)),
-            "prompt_logprobs": None, "prompt_token_ids": list(prompt_ids) if return_ids else None,
+            "prompt_logprobs": (_prompt_logprobs(self._tok, prompt_ids, body["prompt_logprobs"])
+                                if body.get("prompt_logprobs") is not None else None),
+            "prompt_token_ids": list(prompt_ids) if return_ids else None,
             "prompt_text": None, "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
         })
 
@@ -1274,6 +1306,36 @@ def _usage(prompt_tokens: int, completion_tokens: int, details: bool = True) -> 
         usage["prompt_tokens_details"] = None
         usage["completion_tokens_details"] = None
     return usage
+
+
+def _truncate(ids: tuple[int, ...], body: dict[str, Any], max_model_len: int) -> tuple[int, ...]:
+    """vLLM's truncate_prompt_tokens (-1: max_model_len - 1) and truncation_side (default: right)."""
+    keep = body.get("truncate_prompt_tokens")
+    if keep is None:
+        return ids
+    if keep > max_model_len:
+        raise _vllm_validation(f"truncate_prompt_tokens={keep} cannot be greater than max_model_len={max_model_len}. "
+                               "Please request a smaller truncation size.", "truncate_prompt_tokens", keep)
+    keep = max_model_len - 1 if keep < 0 else keep
+    if len(ids) <= keep:
+        return ids
+    return ids[-keep:] if body.get("truncation_side") == "left" else ids[:keep]
+
+
+def _prompt_logprobs(tok: _Tok, ids: tuple[int, ...], k: int) -> list[dict[str, Any] | None]:
+    """vLLM's shape: None for the first token, then {token_id: {logprob, rank, decoded_token}} with the
+    prompt's own token (its true rank) and the top ``k``."""
+    out: list[dict[str, Any] | None] = [None]
+    for position, token in enumerate(ids[1:], start=1):
+        rng = random.Random(f"plp-{position}-{token}")
+        entry = {str(token): {"logprob": -rng.uniform(0.1, 5.0), "rank": rng.randint(1, 5),
+                              "decoded_token": tok.decode([token], skip_special_tokens=False)}}
+        for rank in range(1, k + 1):
+            other = (token + rank) % tok.vocab_size
+            entry.setdefault(str(other), {"logprob": -rank * 0.5, "rank": rank,
+                                          "decoded_token": tok.decode([other], skip_special_tokens=False)})
+        out.append(entry)
+    return out
 
 
 def _content_text(content: Any) -> str:

@@ -13,15 +13,17 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import httpx2
 import openai
 
-from ._sampling import Request
-from .errors import APIError, BadRequestError, VLLMClientError, from_openai
-from .results import GenerateOutput, GenerationError, Logprob, empty_output, failed_output
+from ._request import Request
+from ._responses import chat_output, completion_outputs, read
+from .errors import APIError, BadRequestError, InvalidInputError, PromptTooLongError, VLLMClientError, from_openai
+from .results import GenerateOutput, GenerationError, failed_output
 
 logger = logging.getLogger("vllmclient")
 
@@ -193,21 +195,31 @@ class Engine:
         self.capacity = Capacity(max_concurrency)
         self.sizer = PackSizer(pack_size)
 
-    async def post(self, path: str, body: dict[str, Any], sequences: int) -> Any:
+    async def post(self, path: str, body: dict[str, Any], sequences: int) -> tuple[Any, str]:
         """One request through the SDK (its retries and timeouts), JSON decoded without model parsing.
 
-        ``sequences`` is what the request holds of the capacity while the server works on it.
+        ``sequences`` is what the request holds of the capacity while the server works on it. The request
+        carries an ``X-Request-Id`` of ours (vLLM names the request after it in its log, and in the answer's
+        ``id``); it is returned with the data and set on any error, so every result can be traced.
         """
+        request_id = f"vllmclient-{uuid.uuid4().hex}"
         ticket = _Ticket(self.capacity, sequences)
         token = _ticket.set(ticket)
         try:
-            data = await self._call(self.aclient.post(path, cast_to=httpx2.Response, body=body))
+            data = await self._call(
+                self.aclient.post(
+                    path, cast_to=httpx2.Response, body=body, options={"headers": {"X-Request-Id": request_id}}
+                )
+            )
+        except APIError as exc:
+            exc.request_id = exc.request_id or request_id
+            raise
         finally:
             _ticket.reset(token)
             ticket.leave()
         if ticket.seconds is not None:
             self.sizer.observe(ticket.seconds)
-        return data
+        return data, request_id
 
     async def get(self, path: str) -> Any:
         return await self._call(self.aclient.get(path, cast_to=httpx2.Response))
@@ -235,10 +247,10 @@ class Engine:
         """One request for these payloads (a chat request takes exactly one); errors are raised."""
         if request.chat:
             (messages,) = payloads
-            data = await self.post("/chat/completions", request.with_messages(messages), request.n)
-            return [_read(_chat_output, data, request)]
-        data = await self.post("/completions", request.with_prompts(payloads), len(payloads) * request.n)
-        return _read(_completion_outputs, data, len(payloads), request)
+            data, request_id = await self.post("/chat/completions", request.with_messages(messages), request.n)
+            return [read(chat_output, data, request, request_id)]
+        data, request_id = await self.post("/completions", request.with_prompts(payloads), len(payloads) * request.n)
+        return read(completion_outputs, data, len(payloads), request, request_id)  # type: ignore[no-any-return]
 
     async def stream(
         self, items: Iterable[tuple[int, Any]], request: Request, prepare: Prepare
@@ -282,8 +294,8 @@ class Engine:
                         break
                     try:
                         ready.append((index, prepare(index, item), None))
-                    except VLLMClientError as exc:
-                        ready.append((index, None, _failed(index, request, exc)))
+                    except Exception as exc:  # noqa: BLE001 - a bad input fails itself, never its neighbours
+                        ready.append((index, None, _failed(index, request, _as_input_error(index, exc))))
                 if not ready:
                     break
                 size = min(size, len(ready))
@@ -331,103 +343,52 @@ class Engine:
             await asyncio.gather(producer, *sending, return_exceptions=True)  # each gives back its capacity
 
     async def _send_pack(self, pack: list[tuple[int, Any]], request: Request) -> list[tuple[int, GenerateOutput]]:
-        """Send a pack; on a 400 about its prompts, split it so that only the guilty inputs fail."""
+        """Send a pack; when one of its prompts may be the cause, split it so that only the guilty inputs fail.
+
+        A 400 about the prompts (their length, whatever ``param`` vLLM names, or their content), or a
+        failure on our side before an answer (a prompt the request could not carry), is split; a 400 about
+        a call-wide parameter (temperature, logprobs, ...) or a server failure fails the pack as it is.
+        """
         try:
             outputs = await self._generate([payload for _, payload in pack], request)
-        except BadRequestError as exc:
-            param = exc.body.get("param") if isinstance(exc.body, dict) else None
-            if len(pack) == 1 or (param is not None and param not in _INPUT_PARAMS):
-                return [(index, _failed(index, request, exc)) for index, _ in pack]
-            middle = len(pack) // 2
-            left, right = await asyncio.gather(
-                self._send_pack(pack[:middle], request), self._send_pack(pack[middle:], request)
-            )
-            return left + right
         except APIError as exc:  # includes an answer we cannot read
-            return [(index, _failed(index, request, exc)) for index, _ in pack]
-        return [(index, outputs[position]) for position, (index, _) in enumerate(pack)]
+            if len(pack) == 1 or not _about_a_prompt(exc):
+                return [(index, _failed(index, request, exc)) for index, _ in pack]
+        except Exception as exc:  # noqa: BLE001 - ours, before any answer: find the input that caused it
+            if len(pack) == 1:
+                return [(index, _failed(index, request, exc)) for index, _ in pack]
+        else:
+            return [(index, outputs[position]) for position, (index, _) in enumerate(pack)]
+        middle = len(pack) // 2
+        left, right = await asyncio.gather(
+            self._send_pack(pack[:middle], request), self._send_pack(pack[middle:], request)
+        )
+        return left + right
 
 
-def _read(parse: Callable[..., Any], data: Any, *args: Any) -> Any:
-    """Parse an answer; a shape we cannot read is the server's error, said plainly."""
-    try:
-        return parse(data, *args)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        raise APIError(f"unexpected answer from the server ({exc.__class__.__name__}: {exc}): {str(data)[:200]}") from exc
+def _about_a_prompt(exc: APIError) -> bool:
+    if isinstance(exc, PromptTooLongError):  # whatever parameter vLLM blames (input_tokens, max_tokens, ...)
+        return True
+    if not isinstance(exc, BadRequestError):
+        return False
+    param = exc.body.get("param") if isinstance(exc.body, dict) else None
+    return param is None or param in _INPUT_PARAMS
+
+
+def _as_input_error(index: int, exc: Exception) -> VLLMClientError:
+    if isinstance(exc, VLLMClientError):
+        return exc
+    error = InvalidInputError(f"input {index} could not be prepared for sending ({exc.__class__.__name__}: {exc}).")
+    error.__cause__ = exc
+    return error
 
 
 def _failed(index: int, request: Request, exc: BaseException) -> GenerateOutput:
-    if not isinstance(exc, VLLMClientError):
-        exc = APIError(f"the server's answer could not be read ({exc.__class__.__name__}: {exc})")
+    if not isinstance(exc, VLLMClientError):  # nothing was answered: ours, never worded as the server's
+        error = VLLMClientError(
+            f"input {index}: the request could not be sent ({exc.__class__.__name__}: {exc}); nothing reached the "
+            "server. This is a vllmclient bug or an input it should have refused: please report it."
+        )
+        error.__cause__ = exc
+        exc = error
     return failed_output(request.n, GenerationError.from_exception(index, exc))
-
-
-def _completion_outputs(data: dict[str, Any], prompts: int, request: Request) -> list[GenerateOutput]:
-    """Choices come prompt-major: ``index = prompt_position * n + j``."""
-    n = request.n
-    outputs = [empty_output(n) for _ in range(prompts)]
-    usage = data.get("usage") or {}
-    whole_request = prompts == 1 and n == 1  # then usage is exact for the one generation
-    for choice in data["choices"]:
-        position, j = divmod(choice["index"], n)
-        output = outputs[position]
-        output["generations"][j] = choice.get("text") or ""
-        output["finish_reasons"][j] = choice.get("finish_reason")
-        token_ids, prompt_ids = choice.get("token_ids"), choice.get("prompt_token_ids")
-        stats = output["statistics"]
-        stats["output_tokens"][j] = (
-            len(token_ids) if token_ids is not None else usage.get("completion_tokens") if whole_request else None
-        )
-        if prompt_ids is not None:
-            stats["input_tokens"][j] = len(prompt_ids)
-        elif prompts == 1:
-            stats["input_tokens"][j] = usage.get("prompt_tokens")
-        if request.logprobs is not None:
-            output.setdefault("logprobs", [[] for _ in range(n)])[j] = _completion_logprobs(choice.get("logprobs"))
-    for output in outputs:  # prompt_token_ids may be on the first choice of a prompt only
-        inputs = output["statistics"]["input_tokens"]
-        known = next((count for count in inputs if count is not None), None)
-        output["statistics"]["input_tokens"] = [known if count is None else count for count in inputs]
-    return outputs
-
-
-def _chat_output(data: dict[str, Any], request: Request) -> GenerateOutput:
-    n = request.n
-    output = empty_output(n)
-    usage = data.get("usage") or {}
-    prompt_ids = data.get("prompt_token_ids")
-    input_tokens = len(prompt_ids) if prompt_ids is not None else usage.get("prompt_tokens")
-    for choice in data["choices"]:
-        j = choice["index"]
-        message = choice.get("message") or {}
-        output["generations"][j] = message.get("content") or ""
-        output["finish_reasons"][j] = choice.get("finish_reason")
-        token_ids = choice.get("token_ids")
-        output["statistics"]["output_tokens"][j] = (
-            len(token_ids) if token_ids is not None else usage.get("completion_tokens") if n == 1 else None
-        )
-        output["statistics"]["input_tokens"][j] = input_tokens
-        if request.logprobs is not None:
-            content = (choice.get("logprobs") or {}).get("content") or []
-            output.setdefault("logprobs", [[] for _ in range(n)])[j] = [
-                [{"token": top["token"], "logprob": top["logprob"]} for top in position.get("top_logprobs") or []]
-                or [{"token": position["token"], "logprob": position["logprob"]}]
-                for position in content
-            ]
-    return output
-
-
-def _completion_logprobs(logprobs: dict[str, Any] | None) -> list[list[Logprob]]:
-    """vLLM's ``{tokens, token_logprobs, top_logprobs}`` → distilabel's per-position top-k lists."""
-    if not logprobs:
-        return []
-    tokens = logprobs.get("tokens") or []
-    chosen = logprobs.get("token_logprobs") or []
-    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
-    result: list[list[Logprob]] = []
-    for token, logprob, top in zip(tokens, chosen, tops, strict=False):
-        if top:
-            result.append([{"token": t, "logprob": lp} for t, lp in top.items()])
-        else:
-            result.append([{"token": token, "logprob": logprob}])
-    return result

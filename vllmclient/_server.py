@@ -1,8 +1,10 @@
-"""What the server serves: model discovery and context length, from ``GET /v1/models``."""
+"""What the server serves: models and their context lengths (``GET /v1/models``) and its version
+(``GET /version``), read once at ``load()``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigurationError, ModelNotFoundError
@@ -13,6 +15,48 @@ class ModelCard:
     id: str
     parent: str | None
     max_model_len: int | None
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """The served models and the server's version, as ``load()`` found them."""
+
+    base_url: str
+    cards: list[ModelCard] = field(default_factory=list)
+    version_text: str | None = None  # None: the server has no GET /version (not vLLM, or a proxy)
+
+    @property
+    def names(self) -> list[str]:
+        return [card.id for card in self.cards]
+
+    def card(self, name: str) -> ModelCard | None:
+        return next((card for card in self.cards if card.id == name), None)
+
+    def max_model_len(self, name: str) -> int | None:
+        """The context length of a served model; a LoRA adapter inherits its base model's."""
+        card = self.card(name)
+        if card is None:
+            return None
+        if card.max_model_len is None and card.parent is not None:
+            parent = self.card(card.parent)
+            return parent.max_model_len if parent is not None else None
+        return card.max_model_len
+
+    @property
+    def version(self) -> tuple[int, ...] | None:
+        match = re.match(r"(\d+)\.(\d+)", self.version_text or "")
+        return (int(match.group(1)), int(match.group(2))) if match else None
+
+    @property
+    def reads_guided_fields(self) -> bool:
+        """Whether the server still reads the ``guided_*`` fields (removed in vLLM 0.12)."""
+        version = self.version
+        return version is not None and version < (0, 12)
+
+
+def parse_version(payload: Any) -> str | None:
+    version = payload.get("version") if isinstance(payload, dict) else None
+    return version if isinstance(version, str) else None
 
 
 def parse_models(payload: Any) -> list[ModelCard]:

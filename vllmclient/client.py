@@ -1,15 +1,16 @@
 """``ClientvLLM``: distilabel's client for a vLLM server, same fields and results, made robust and fast.
 
-Orchestration only: templating lives in ``formatter``, request bodies in ``_sampling``, sending and
-bulk behaviour in ``_engine``, event-loop plumbing in ``_sync``.
+Orchestration only: templating lives in ``formatter``, the parameters in ``params``, request bodies in
+``_request``, sending and bulk behaviour in ``_engine``, reading answers in ``_responses``, event-loop
+plumbing in ``_sync``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import functools
 import inspect
+import json
 import logging
 import os
 import weakref
@@ -21,12 +22,20 @@ import openai
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from ._engine import Engine, http_client
-from ._sampling import Request, build_request
-from ._server import choose_model, parse_models
+from ._request import Request, build_request
+from ._server import ServerInfo, choose_model, parse_models, parse_version
 from ._sync import LoopThread
 from .checkpoint import Checkpoint
-from .errors import ConfigurationError, GenerationFailedError, InvalidInputError
-from .formatter import ChatFormatter, Conversation, resolve_magpie_template, validate_conversation
+from .errors import APIError, ConfigurationError, GenerationFailedError, InvalidInputError
+from .formatter import (
+    ChatFormatter,
+    Conversation,
+    join_text_parts,
+    resolve_magpie_template,
+    unencodable,
+    validate_conversation,
+)
+from .params import GenerationParams, parse_params
 from .results import GenerateOutput
 
 __all__ = ["ClientvLLM"]
@@ -102,6 +111,7 @@ class ClientvLLM(BaseModel):
     _engine: Engine | None = PrivateAttr(default=None)
     _model_name: str | None = PrivateAttr(default=None)
     _max_model_len: int | None = PrivateAttr(default=None)
+    _server: ServerInfo | None = PrivateAttr(default=None)
     _loop: LoopThread = PrivateAttr(default_factory=LoopThread)
     _loading: asyncio.Task[None] | None = PrivateAttr(default=None)
 
@@ -177,11 +187,7 @@ class ClientvLLM(BaseModel):
     def runtime_parameters_names(self) -> dict[str, Any]:
         """Parameters settable after construction, name -> optional (as distilabel lists them)."""
         names: dict[str, Any] = dict.fromkeys(_RUNTIME_PARAMETERS, True)
-        names["generation_kwargs"] = {
-            name: param.default is not inspect.Parameter.empty
-            for name, param in inspect.signature(self.agenerate).parameters.items()
-            if name not in ("input", "num_generations")
-        }
+        names["generation_kwargs"] = dict.fromkeys(GenerationParams.model_fields, True)
         return names
 
     def get_runtime_parameters_info(self) -> list[dict[str, Any]]:
@@ -277,12 +283,13 @@ class ClientvLLM(BaseModel):
         try:
             cards = parse_models(await engine.get("/models"))
             name, max_len = choose_model(cards, self.model, api_base)
+            server = ServerInfo(api_base, cards, await _version(engine, api_base))
         except BaseException:
             await aclient.close()
             raise
-        engine.served_models = [card.id for card in cards]
+        engine.served_models = server.names
         self._loop.add_closer(aclient.close)
-        self._aclient, self._engine = aclient, engine
+        self._aclient, self._engine, self._server = aclient, engine, server
         self._model_name, self._max_model_len = name, max_len
         logger.info("vllmclient: using model %r at %s (max_model_len=%s)", name, api_base, max_len)
 
@@ -313,36 +320,15 @@ class ClientvLLM(BaseModel):
 
     # -- generation --------------------------------------------------------------------------------
 
-    async def agenerate(
-        self,
-        input: Conversation,
-        num_generations: int = 1,
-        max_new_tokens: int = 128,
-        frequency_penalty: float = 0.0,
-        logit_bias: dict[str, float] | None = None,
-        presence_penalty: float = 0.0,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        stop_token_ids: list[int] | None = None,
-        include_stop_str_in_output: bool | None = None,
-        min_tokens: int | None = None,
-        ignore_eos: bool | None = None,
-        skip_special_tokens: bool | None = None,
-        logprobs: int | None = None,
-        extra_body: dict[str, Any] | None = None,
-    ) -> GenerateOutput:
+    async def agenerate(self, input: Conversation, num_generations: int = 1, **params: Any) -> GenerateOutput:
         """Generate ``num_generations`` completions for one conversation; raises on failure.
 
+        ``params`` are the fields of ``vllmclient.GenerationParams`` (``max_new_tokens=128``,
+        ``temperature=1.0``, ``top_p=1.0``, vLLM's sampling parameters, ``structured_outputs``, ``tools``,
+        ``model``, ``priority``, ``extra_body``, ...; see its docs): checked before anything is sent.
         vLLM parameters left as ``None`` are not sent, so the model's generation config applies.
-        ``extra_body`` is merged into the request as is (e.g. ``structured_outputs``).
         """
-        params = {k: v for k, v in locals().items() if k not in ("self", "input")}
-        return await self._loop.arun(self._agenerate_one(input, params))
+        return await self._loop.arun(self._agenerate_one(input, {"num_generations": num_generations, **params}))
 
     async def _agenerate_one(self, conversation: Conversation, params: dict[str, Any]) -> GenerateOutput:
         await self._setup()
@@ -478,49 +464,44 @@ class ClientvLLM(BaseModel):
                 saved.close()
 
     def _request(self, params: dict[str, Any]) -> Request:
-        signature = _agenerate_signature()
-        unknown = [name for name in params if name not in signature.parameters or name in ("self", "input")]
-        if unknown:
-            raise InvalidInputError(
-                f"unknown generation parameter(s) {', '.join(map(repr, unknown))}; known: "
-                f"{', '.join(n for n in signature.parameters if n not in ('self', 'input'))}. "
-                "Pass other vLLM fields in extra_body={...}."
-            )
-        bound = signature.bind(self, None, **params)
-        bound.apply_defaults()
-        values = dict(bound.arguments)
-        openai_names = ("max_new_tokens", "frequency_penalty", "logit_bias", "presence_penalty", "temperature", "top_p")
+        num_generations = params.pop("num_generations", 1)
+        assert self._server is not None
         return build_request(
-            model=self.model_name,
+            parse_params(params),
+            num_generations=num_generations,
             chat=self._formatter is None,
-            num_generations=values["num_generations"],
-            extra_body=values["extra_body"],
-            vllm={k: v for k, v in values.items() if k not in (*openai_names, "self", "input", "num_generations", "extra_body")},
-            **{k: values[k] for k in openai_names},
+            server=self._server,
+            model=self.model_name,
         )
 
     def _prepare(self, request: Request) -> Any:
         """The per-input step: validate, then render the prompt and check its length (or pass messages)."""
-        formatter, max_len = self._formatter, self._max_model_len
+        formatter, max_len = self._formatter, request.max_model_len
         if formatter is None:
 
             def as_messages(index: int, conversation: Any) -> Any:
                 validate_conversation(conversation, index)
+                try:  # what JSON cannot carry would fail at the SDK, after the request took server slots
+                    json.dumps(conversation, ensure_ascii=False, allow_nan=False).encode()
+                except (ValueError, TypeError):
+                    raise unencodable(conversation, index) from None
                 return conversation
 
             return as_messages
         allow_empty = formatter.magpie_pre_query_template is not None
+        template_kwargs = request.chat_template_kwargs
 
         def as_prompt(index: int, conversation: Any) -> str:
             validate_conversation(conversation, index, allow_empty=allow_empty)
+            conversation = join_text_parts(conversation, index)
             try:
-                prompt = formatter.render(conversation)
+                prompt = formatter.render(conversation, template_kwargs)
             except Exception as exc:  # templates raise anything (e.g. "roles must alternate")
                 raise InvalidInputError(
                     f"input {index}: the model's chat template rejected this conversation "
                     f"({exc.__class__.__name__}: {exc}). Fix the conversation to fit the template."
                 ) from exc
-            formatter.check_length(prompt, max_len, index)
+            formatter.check_prompt(prompt, conversation, index, max_len, request.prompt_budget)
             return prompt
 
         return as_prompt
@@ -568,9 +549,27 @@ async def _with_restored(
         await batches.aclose()  # type: ignore[attr-defined]
 
 
-@functools.cache
+async def _version(engine: Engine, api_base: str) -> str | None:
+    """The server's vLLM version from ``GET /version``; ``None`` when it has none (not vLLM, or a proxy)."""
+    try:
+        return parse_version(await engine.get(api_base.removesuffix("/v1") + "/version"))
+    except APIError:
+        return None
+
+
 def _agenerate_signature() -> inspect.Signature:
-    return inspect.signature(ClientvLLM.agenerate)
+    """``agenerate(self, input, num_generations=1, *, <every GenerationParams field>)``: for ``help()``,
+    notebooks' completion and distilabel's runtime-parameter info."""
+    kind = inspect.Parameter.KEYWORD_ONLY
+    fields = [
+        inspect.Parameter(name, kind, default=field.default, annotation=field.annotation)
+        for name, field in GenerationParams.model_fields.items()
+    ]
+    head = list(inspect.signature(ClientvLLM.agenerate).parameters.values())[:3]
+    return inspect.Signature([*head, *fields], return_annotation=GenerateOutput)
+
+
+ClientvLLM.agenerate.__signature__ = _agenerate_signature()  # type: ignore[attr-defined]
 
 
 def _progress_bar(inputs: Iterable[Any], progress: bool | None) -> Any:

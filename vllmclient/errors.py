@@ -141,6 +141,27 @@ class GenerationFailedError(VLLMClientError):
 _CONTEXT_NUMBERS = re.compile(
     r"maximum context length is (\d+) tokens.*?contains (?:at least )?(\d+) input tokens", re.DOTALL
 )
+# vLLM's cheap check before tokenizing (the chat path's usual answer for a long prompt): characters, not tokens.
+_CONTEXT_CHARACTERS = re.compile(r"maximum context length is (\d+) tokens.*?contains (\d+) characters", re.DOTALL)
+# A prompt of exactly max_model_len tokens leaves no room for output: vLLM clamps max_tokens to 0, then refuses it.
+_NO_ROOM = re.compile(r"max_tokens must be at least 1, got (-?\d+)")
+
+
+def _prompt_too_long(server_message: str, common: dict[str, Any]) -> PromptTooLongError | None:
+    fix = " Shorten this input, pass truncate_prompt_tokens=..., or serve the model with a larger --max-model-len."
+    if match := _CONTEXT_NUMBERS.search(server_message):
+        return PromptTooLongError(
+            server_message + fix, max_model_len=int(match.group(1)), prompt_tokens=int(match.group(2)), **common
+        )
+    if match := _CONTEXT_CHARACTERS.search(server_message):
+        return PromptTooLongError(server_message + fix, max_model_len=int(match.group(1)), **common)
+    if _NO_ROOM.search(server_message):
+        return PromptTooLongError(
+            f"The prompt fills the model's whole context, leaving no room for a single output token (the server "
+            f"said: {server_message}).{fix}",
+            **common,
+        )
+    return None
 
 
 def from_openai(exc: BaseException, *, base_url: str, served_models: Sequence[str] = ()) -> APIError:
@@ -184,14 +205,9 @@ def from_openai(exc: BaseException, *, base_url: str, served_models: Sequence[st
             **common,
         )
     if status in (400, 413, 422):
-        match = _CONTEXT_NUMBERS.search(server_message)
-        if match:
-            return PromptTooLongError(
-                f"{server_message} Shorten this input or serve the model with a larger --max-model-len.",
-                max_model_len=int(match.group(1)),
-                prompt_tokens=int(match.group(2)),
-                **common,
-            )
+        too_long = _prompt_too_long(server_message, common)
+        if too_long is not None:
+            return too_long
         return BadRequestError(f"The server rejected the request (HTTP {status}): {server_message}", **common)
     if status >= 500:
         return ServerError(f"The vLLM server failed (HTTP {status}): {server_message}", **common)

@@ -6,10 +6,11 @@ makes Magpie possible: the prompt can end anywhere, e.g. on an open user turn.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,59 @@ def validate_conversation(conversation: Any, index: int = 0, *, allow_empty: boo
                 f"{at}: 'content' must be a str (or a list of content parts), got {type(content).__name__}. "
                 "Convert it to text before sending."
             )
+        if isinstance(content, list):
+            for number, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, Mapping) else None
+                if not isinstance(kind, str) or (kind == "text" and not isinstance(part.get("text"), str)):
+                    raise InvalidInputError(
+                        f"{at}, content part {number}: expected an OpenAI content part such as "
+                        f"{{'type': 'text', 'text': '...'}}, got {str(part)[:80]!r}."
+                    )
+
+
+def join_text_parts(conversation: Conversation, index: int) -> Conversation:
+    """Messages whose content is a list of parts, with the text parts joined by newlines.
+
+    That is what vLLM does for a chat template that expects string content, so the client-side template
+    sees what the server's would. Any other part (image, audio, video) needs the server's multimodal
+    processor, so it fails this input with that advice. Conversations without parts come back as they are.
+    """
+    if all(isinstance(message.get("content"), str | None) for message in conversation):
+        return conversation
+    joined: list[Message] = []
+    for position, message in enumerate(conversation):
+        content = message.get("content")
+        if isinstance(content, list):
+            other = [part.get("type") for part in content if part.get("type") != "text"]
+            if other:
+                raise InvalidInputError(
+                    f"input {index}, message {position}: a {other[0]!r} content part cannot be rendered by the "
+                    "client-side chat template (text only). Create the client with tokenizer=None so that the "
+                    "server's multimodal processor handles it (the model must be multimodal)."
+                )
+            message = {**message, "content": "\n".join(part["text"] for part in content)}
+        joined.append(message)
+    return joined
+
+
+def unencodable(conversation: Any, index: int) -> InvalidInputError:
+    """The error for a conversation that cannot be sent as UTF-8 JSON, naming the message and the fault."""
+    for position, message in enumerate(conversation):
+        try:
+            json.dumps(message, ensure_ascii=False, allow_nan=False).encode()
+        except UnicodeEncodeError as exc:
+            bad = exc.object[exc.start : exc.end]
+            return InvalidInputError(
+                f"input {index}, message {position}: the text holds {bad!r}, a lone surrogate that cannot be sent "
+                "as UTF-8 (typical of bytes decoded with errors='surrogateescape'). Decode the source with "
+                "errors='replace', or clean the text."
+            )
+        except (ValueError, TypeError) as exc:
+            return InvalidInputError(
+                f"input {index}, message {position} cannot be sent as JSON ({exc}). Use str content, finite numbers, "
+                "lists and dicts."
+            )
+    return InvalidInputError(f"input {index} cannot be sent as UTF-8 JSON.")
 
 
 def _import_auto_tokenizer() -> Any:
@@ -130,7 +184,7 @@ class ChatFormatter:
             ) from exc
         return cls(tokenizer, magpie_pre_query_template=magpie_pre_query_template)
 
-    def render(self, conversation: Conversation) -> str:
+    def render(self, conversation: Conversation, chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
         """The raw prompt for /v1/completions: the chat template, then Magpie's pre-query if it applies.
 
         With Magpie on and a conversation that does not end on a user turn, the template is rendered
@@ -138,38 +192,53 @@ class ChatFormatter:
         the model), and the pre-query opens the next user turn; its BOS is dropped mid-conversation.
         """
         magpie = self.magpie_pre_query_template
+        kwargs = chat_template_kwargs or {}
         if magpie is not None and (not conversation or conversation[-1]["role"] != "user"):
             if not conversation:
                 return magpie
-            prompt = self._apply(conversation, add_generation_prompt=False)
+            prompt = self._apply(conversation, add_generation_prompt=False, **kwargs)
             if self._bos and magpie.startswith(self._bos) and prompt.startswith(self._bos):
                 magpie = magpie[len(self._bos) :]
             return prompt + magpie
-        return self._apply(conversation, add_generation_prompt=True)
+        return self._apply(conversation, add_generation_prompt=True, **kwargs)
 
-    def _apply(self, conversation: Conversation, *, add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            list(conversation), tokenize=False, add_generation_prompt=add_generation_prompt
+    def _apply(self, conversation: Conversation, *, add_generation_prompt: bool, **kwargs: Any) -> str:
+        prompt: str = self.tokenizer.apply_chat_template(
+            list(conversation), tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
         )
+        return prompt
 
     def count_tokens(self, prompt: str) -> int:
         """Token count of a rendered prompt as the server sees it (``add_special_tokens: false``)."""
         return len(self.tokenizer.encode(prompt, add_special_tokens=False))
 
-    def check_length(self, prompt: str, max_model_len: int | None, index: int) -> None:
-        """Fail an over-long prompt before sending it; cheap unless the prompt could be too long.
+    def check_prompt(
+        self,
+        prompt: str,
+        conversation: Conversation,
+        index: int,
+        max_model_len: int | None,
+        kept: Callable[[int], int] = int,
+    ) -> None:
+        """Fail, before sending, a prompt the server would refuse: one that is not valid UTF-8, or one that
+        leaves no room in the context for a single output token (as vLLM counts: ``prompt < max_model_len``).
 
-        Byte-level tokens cover at least one byte each, so a prompt of at most ``max_model_len`` UTF-8
-        bytes cannot exceed the context and is never tokenized here.
+        ``kept`` maps the prompt's token count to what the server keeps of it (``truncate_prompt_tokens``).
+        Cheap unless the prompt could be too long: a token covers at least one UTF-8 byte, so a prompt of
+        fewer bytes than ``max_model_len`` less one is never tokenized here.
         """
-        if max_model_len is None or len(prompt) * 4 <= max_model_len or len(prompt.encode()) <= max_model_len:
+        try:
+            size = len(prompt.encode())
+        except UnicodeEncodeError:
+            raise unencodable(conversation, index) from None
+        if max_model_len is None or size + 1 < max_model_len:
             return
         count = self.count_tokens(prompt)
-        if count > max_model_len:
+        if kept(count) >= max_model_len:
             raise PromptTooLongError(
                 f"input {index}: the prompt has {count} tokens but the model's maximum context length is "
-                f"{max_model_len} tokens (before any output). Shorten this input or serve the model with a "
-                "larger --max-model-len.",
+                f"{max_model_len} tokens, and the server needs room for at least one output token. Shorten this "
+                "input, pass truncate_prompt_tokens=..., or serve the model with a larger --max-model-len.",
                 max_model_len=max_model_len,
                 prompt_tokens=count,
             )

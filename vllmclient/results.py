@@ -25,14 +25,24 @@ class GenerateOutput(TypedDict):
     """What ``agenerate`` returns for one input and ``generate`` for each input.
 
     ``generations``, ``finish_reasons`` and each ``statistics`` list have one entry per generation.
-    ``logprobs`` is present only when requested; ``error`` only when the input failed (its generations
-    are then ``None``).
+    ``request_id`` is the ``X-Request-Id`` of the request that produced it (find it in the server's log;
+    ``None`` when nothing was sent). Present only when there is something to say:
+
+    - ``logprobs``: when requested; per generation, per generated token, the top tokens;
+    - ``prompt_logprobs``: when requested; per prompt token, the top tokens (``None`` for the first);
+    - ``tool_calls``: per generation, the OpenAI tool calls the server's tool parser found, or ``None``;
+    - ``reasoning``: per generation, the thinking text the server's reasoning parser split off, or ``None``;
+    - ``error``: the input failed (its generations are then ``None``).
     """
 
     generations: list[str | None]
     statistics: Statistics
     finish_reasons: list[str | None]
+    request_id: str | None
     logprobs: NotRequired[list[list[list[Logprob]]]]
+    prompt_logprobs: NotRequired[list[list[Logprob] | None]]
+    tool_calls: NotRequired[list[list[dict[str, Any]] | None]]
+    reasoning: NotRequired[list[str | None]]
     error: NotRequired[GenerationError]
 
 
@@ -63,17 +73,18 @@ class GenerationError:
         return f"GenerationError(index={self.index}, type={self.type!r}{status}, message={self.message!r})"
 
 
-def empty_output(num_generations: int) -> GenerateOutput:
+def empty_output(num_generations: int, request_id: str | None = None) -> GenerateOutput:
     """An output with ``None`` in every per-generation slot, to be filled in (or left, on failure)."""
     nones: list[Any] = [None] * num_generations
     return {
         "generations": list(nones),
         "statistics": {"input_tokens": list(nones), "output_tokens": list(nones)},
         "finish_reasons": list(nones),
+        "request_id": request_id,
     }
 
 
 def failed_output(num_generations: int, error: GenerationError) -> GenerateOutput:
-    output = empty_output(num_generations)
+    output = empty_output(num_generations, error.request_id)
     output["error"] = error
     return output

@@ -1,0 +1,225 @@
+"""Checked parameters → the request body, built once per call (never per prompt).
+
+Everything that can be known wrong before sending is refused here, for the whole call: a field the
+server would silently ignore (the removed ``guided_*`` fields, a chat-only field on the completions
+path), a value JSON cannot carry (NaN, infinity, a lone surrogate), a model that is not served.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._server import ServerInfo
+from .errors import InvalidInputError
+from .params import GenerationParams
+
+__all__ = ["Request", "UnknownFieldWarning", "build_request"]
+
+
+class UnknownFieldWarning(UserWarning):
+    """An ``extra_body`` key vLLM does not read: it would be ignored without a word (HTTP 200)."""
+
+
+# vLLM's sampling parameters, sent only when set (so the model's generation_config applies otherwise).
+_VLLM_SAMPLING = (
+    "top_k", "min_p", "repetition_penalty", "seed", "stop", "stop_token_ids", "include_stop_str_in_output",
+    "min_tokens", "ignore_eos", "skip_special_tokens", "truncate_prompt_tokens", "truncation_side", "priority",
+)
+
+# The request fields vLLM reads (CompletionRequest / ChatCompletionRequest, vLLM 0.32-0.33). vLLM accepts any
+# other key and ignores it with HTTP 200, so a typo would silently do nothing.
+_COMMON_FIELDS = frozenset({
+    "add_special_tokens", "allowed_token_ids", "bad_words", "cache_salt", "ec_transfer_params", "echo",
+    "frequency_penalty", "ignore_eos", "include_stop_str_in_output", "kv_transfer_params", "length_penalty",
+    "logit_bias", "logprob_token_ids", "logprobs", "max_tokens", "min_p", "min_tokens", "mm_payload", "model", "n",
+    "presence_penalty", "priority", "prompt_logprobs", "repetition_detection", "repetition_penalty", "request_id",
+    "response_format", "return_mm_kwargs", "return_token_ids", "return_token_offsets", "return_tokens_as_token_ids",
+    "routed_experts_prompt_start", "seed", "session_id", "skip_special_tokens", "spaces_between_special_tokens",
+    "stop", "stop_token_ids", "stream", "stream_interval", "stream_options", "structured_outputs", "temperature",
+    "thinking_token_budget", "top_k", "top_p", "truncate_prompt_tokens", "truncation_side", "use_beam_search",
+    "user", "vllm_xargs", "watermarking",
+})
+_COMPLETION_ONLY = frozenset({"prompt", "prompt_embeds", "suffix"})
+_CHAT_ONLY = frozenset({
+    "add_generation_prompt", "chat_template", "chat_template_kwargs", "continue_final_message", "documents",
+    "include_reasoning", "max_completion_tokens", "media_io_kwargs", "messages", "mm_processor_kwargs",
+    "parallel_tool_calls", "reasoning_effort", "return_prompt_text", "tool_choice", "tools", "top_logprobs",
+})
+# Removed in vLLM 0.12 (replaced by ``structured_outputs``); newer servers ignore them with HTTP 200.
+_GUIDED = {
+    "guided_json": "structured_outputs={'json': schema}",
+    "guided_regex": "structured_outputs={'regex': pattern}",
+    "guided_choice": "structured_outputs={'choice': [...]}",
+    "guided_grammar": "structured_outputs={'grammar': ebnf}",
+    "guided_decoding_backend": "the server's --structured-outputs-config (per request: no replacement)",
+    "guided_whitespace_pattern": "structured_outputs={..., 'whitespace_pattern': pattern}",
+}
+# Set by the client from its own parameters, and needed to read the answer: extra_body may not change them.
+_RESERVED = frozenset(
+    {"model", "prompt", "messages", "n", "stream", "logprobs", "top_logprobs", "prompt_logprobs", "return_token_ids",
+     "echo", "request_id", "max_tokens"}
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything about a call except the prompts: the body template and how to read and check the answer."""
+
+    body: dict[str, Any]
+    n: int
+    chat: bool
+    logprobs: int | None
+    prompt_logprobs: int | None
+    max_model_len: int | None
+    truncate_prompt_tokens: int | None
+    chat_template_kwargs: Mapping[str, Any] | None = None
+
+    def with_prompts(self, prompts: list[Any]) -> dict[str, Any]:
+        body = dict(self.body)
+        body["prompt"] = prompts
+        return body
+
+    def with_messages(self, messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        body = dict(self.body)
+        body["messages"] = list(messages)
+        return body
+
+    def prompt_budget(self, tokens: int) -> int:
+        """How many prompt tokens the server keeps of ``tokens`` (after ``truncate_prompt_tokens``)."""
+        keep = self.truncate_prompt_tokens
+        if keep is None:
+            return tokens
+        if keep < 0:  # vLLM: as many as fit with room for one output token
+            return min(tokens, (self.max_model_len or tokens + 1) - 1)
+        return min(tokens, keep)
+
+
+def build_request(
+    params: GenerationParams, *, num_generations: int, chat: bool, server: ServerInfo, model: str
+) -> Request:
+    """The body every pack of this call shares; raises ``InvalidInputError`` for what cannot work."""
+    if not isinstance(num_generations, int) or isinstance(num_generations, bool) or num_generations < 1:
+        raise InvalidInputError(f"num_generations={num_generations!r} is invalid: expected an int >= 1.")
+    if params.model is not None:
+        model = params.model
+        if server.card(model) is None:
+            raise InvalidInputError(
+                f"model={model!r} is not served at {server.base_url}. Served: {', '.join(server.names)}."
+            )
+    max_model_len = server.max_model_len(model)
+    if max_model_len is not None and params.max_new_tokens > max_model_len:
+        raise InvalidInputError(
+            f"max_new_tokens={params.max_new_tokens} is invalid: vLLM refuses more than the model's max_model_len "
+            f"({max_model_len}) whatever the prompt. Ask for at most {max_model_len} (the server clamps it to the room "
+            "the prompt leaves)."
+        )
+    if (
+        params.truncate_prompt_tokens is not None
+        and max_model_len is not None
+        and params.truncate_prompt_tokens > max_model_len
+    ):
+        raise InvalidInputError(
+            f"truncate_prompt_tokens={params.truncate_prompt_tokens} is invalid: it may not exceed the model's "
+            f"max_model_len ({max_model_len}); use -1 to keep as much as fits."
+        )
+    if not chat:
+        for name in ("tools", "tool_choice"):
+            if getattr(params, name) is not None:
+                raise InvalidInputError(
+                    f"{name}= needs the server's tool-call parser, which only the chat path runs: create the client "
+                    "with tokenizer=None and serve the model with --enable-auto-tool-choice --tool-call-parser NAME."
+                )
+
+    body: dict[str, Any] = {
+        "model": model,
+        "n": num_generations,
+        "max_tokens": params.max_new_tokens,
+        "frequency_penalty": params.frequency_penalty,
+        "presence_penalty": params.presence_penalty,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        # Exact per-generation token counts: usage is summed over a whole (packed) request.
+        "return_token_ids": True,
+    }
+    if params.logit_bias is not None:
+        body["logit_bias"] = dict(params.logit_bias)
+    for name in _VLLM_SAMPLING:
+        value = getattr(params, name)
+        if value is not None:
+            body[name] = list(value) if isinstance(value, list) else value
+    if params.logprobs is not None:
+        if chat:
+            body["logprobs"] = True
+            body["top_logprobs"] = params.logprobs
+        else:
+            body["logprobs"] = params.logprobs
+    if params.prompt_logprobs is not None:
+        body["prompt_logprobs"] = params.prompt_logprobs
+    if chat:
+        for name in ("tools", "tool_choice", "chat_template_kwargs"):
+            value = getattr(params, name)
+            if value is not None:
+                body[name] = value
+    else:
+        # The rendered template already starts with BOS; vLLM would add a second one by default.
+        body["add_special_tokens"] = False
+    if params.extra_body:
+        body.update(_checked_extra_body(params.extra_body, chat=chat, server=server))
+    return Request(
+        body=body,
+        n=num_generations,
+        chat=chat,
+        logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs,
+        max_model_len=max_model_len,
+        truncate_prompt_tokens=params.truncate_prompt_tokens,
+        chat_template_kwargs=None if chat else params.chat_template_kwargs,
+    )
+
+
+def _checked_extra_body(extra: Mapping[str, Any], *, chat: bool, server: ServerInfo) -> Mapping[str, Any]:
+    clash = sorted(_RESERVED.intersection(extra))
+    if clash:
+        raise InvalidInputError(
+            f"extra_body may not set {', '.join(clash)}: the client sets them from its own parameters "
+            "(num_generations, max_new_tokens, logprobs, prompt_logprobs, model=, the inputs) and reads the answer "
+            "accordingly."
+        )
+    guided = [name for name in extra if name in _GUIDED]
+    if guided and not server.reads_guided_fields:
+        version = server.version_text or "unknown (no GET /version)"
+        raise InvalidInputError(
+            f"extra_body {', '.join(map(repr, guided))}: vLLM removed the guided_* fields in 0.12 and now ignores them "
+            f"without a word (this server's version: {version}), so the output would not be constrained. Use "
+            + "; ".join(f"{name} -> {_GUIDED[name]}" for name in guided)
+            + " (or the typed structured_outputs= parameter)."
+        )
+    if not chat:
+        wrong_path = sorted(name for name in extra if name in _CHAT_ONLY)
+        if wrong_path:
+            raise InvalidInputError(
+                f"extra_body {', '.join(map(repr, wrong_path))} only applies to /v1/chat/completions, and this client "
+                "renders prompts itself (/v1/completions), where the server ignores it. Use the typed parameter "
+                "(chat_template_kwargs=, tools=) or create the client with tokenizer=None."
+            )
+    known = _COMMON_FIELDS | (_CHAT_ONLY if chat else _COMPLETION_ONLY) | _GUIDED.keys()
+    unknown = sorted(name for name in extra if name not in known)
+    if unknown:
+        warnings.warn(
+            f"vllmclient: extra_body key(s) {', '.join(map(repr, unknown))} are not vLLM request fields; vLLM ignores "
+            "unknown fields without an error, so they will have no effect. Check the spelling.",
+            UnknownFieldWarning,
+            stacklevel=2,
+        )
+    try:  # what JSON cannot carry would fail every pack of the call at the SDK, worded as a send failure
+        json.dumps(extra, allow_nan=False, ensure_ascii=False).encode()
+    except (ValueError, TypeError) as exc:
+        raise InvalidInputError(
+            f"extra_body cannot be sent as JSON ({exc.__class__.__name__}: {exc}). Use finite numbers, str (valid "
+            "UTF-8, no lone surrogates), lists and dicts."
+        ) from None
+    return extra

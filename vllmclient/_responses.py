@@ -1,0 +1,126 @@
+"""Reading answers: vLLM's completions and chat JSON → one ``GenerateOutput`` per input.
+
+Nothing the server sends back is dropped: texts, finish reasons, exact token counts, logprobs, prompt
+logprobs, tool calls, reasoning and the request id all reach the result. Runs once per pack; per-choice
+work is a few dict lookups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._request import Request
+from .errors import APIError
+from .results import GenerateOutput, Logprob, empty_output
+
+__all__ = ["chat_output", "completion_outputs", "read"]
+
+
+def read(parse: Callable[..., Any], data: Any, *args: Any) -> Any:
+    """Parse an answer; a shape we cannot read is the server's error, said plainly."""
+    try:
+        return parse(data, *args)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise APIError(
+            f"the server's answer has an unexpected shape ({exc.__class__.__name__}: {exc}): {str(data)[:200]}"
+        ) from exc
+
+
+def completion_outputs(data: dict[str, Any], prompts: int, request: Request, request_id: str) -> list[GenerateOutput]:
+    """Choices come prompt-major: ``index = prompt_position * n + j``."""
+    n = request.n
+    outputs = [empty_output(n, request_id) for _ in range(prompts)]
+    usage = data.get("usage") or {}
+    whole_request = prompts == 1 and n == 1  # then usage is exact for the one generation
+    for choice in data["choices"]:
+        position, j = divmod(choice["index"], n)
+        output = outputs[position]
+        output["generations"][j] = choice.get("text") or ""
+        output["finish_reasons"][j] = choice.get("finish_reason")
+        token_ids, prompt_ids = choice.get("token_ids"), choice.get("prompt_token_ids")
+        stats = output["statistics"]
+        stats["output_tokens"][j] = (
+            len(token_ids) if token_ids is not None else usage.get("completion_tokens") if whole_request else None
+        )
+        if prompt_ids is not None:
+            stats["input_tokens"][j] = len(prompt_ids)
+        elif prompts == 1:
+            stats["input_tokens"][j] = usage.get("prompt_tokens")
+        if request.logprobs is not None:
+            output.setdefault("logprobs", [[] for _ in range(n)])[j] = _completion_logprobs(choice.get("logprobs"))
+        if request.prompt_logprobs is not None and "prompt_logprobs" not in output and choice.get("prompt_logprobs"):
+            output["prompt_logprobs"] = _prompt_logprobs(choice["prompt_logprobs"])
+    for output in outputs:  # prompt_token_ids may be on the first choice of a prompt only
+        inputs = output["statistics"]["input_tokens"]
+        known = next((count for count in inputs if count is not None), None)
+        output["statistics"]["input_tokens"] = [known if count is None else count for count in inputs]
+    return outputs
+
+
+def chat_output(data: dict[str, Any], request: Request, request_id: str) -> GenerateOutput:
+    n = request.n
+    output = empty_output(n, request_id)
+    usage = data.get("usage") or {}
+    prompt_ids = data.get("prompt_token_ids")
+    input_tokens = len(prompt_ids) if prompt_ids is not None else usage.get("prompt_tokens")
+    for choice in data["choices"]:
+        j = choice["index"]
+        message = choice.get("message") or {}
+        output["generations"][j] = message.get("content") or ""
+        output["finish_reasons"][j] = choice.get("finish_reason")
+        token_ids = choice.get("token_ids")
+        output["statistics"]["output_tokens"][j] = (
+            len(token_ids) if token_ids is not None else usage.get("completion_tokens") if n == 1 else None
+        )
+        output["statistics"]["input_tokens"][j] = input_tokens
+        tool_calls = message.get("tool_calls")
+        if tool_calls:
+            output.setdefault("tool_calls", [None] * n)[j] = tool_calls
+        reasoning = message.get("reasoning") or message.get("reasoning_content")  # the older name
+        if reasoning is not None:
+            output.setdefault("reasoning", [None] * n)[j] = reasoning
+        if request.logprobs is not None:
+            content = (choice.get("logprobs") or {}).get("content") or []
+            output.setdefault("logprobs", [[] for _ in range(n)])[j] = [
+                [{"token": top["token"], "logprob": top["logprob"]} for top in position.get("top_logprobs") or []]
+                or [{"token": position["token"], "logprob": position["logprob"]}]
+                for position in content
+            ]
+    if request.prompt_logprobs is not None and data.get("prompt_logprobs") is not None:
+        output["prompt_logprobs"] = _prompt_logprobs(data["prompt_logprobs"])
+    return output
+
+
+def _completion_logprobs(logprobs: dict[str, Any] | None) -> list[list[Logprob]]:
+    """vLLM's ``{tokens, token_logprobs, top_logprobs}`` → distilabel's per-position top-k lists."""
+    if not logprobs:
+        return []
+    tokens = logprobs.get("tokens") or []
+    chosen = logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
+    result: list[list[Logprob]] = []
+    for token, logprob, top in zip(tokens, chosen, tops, strict=False):
+        if top:
+            result.append([{"token": t, "logprob": lp} for t, lp in top.items()])
+        else:
+            result.append([{"token": token, "logprob": logprob}])
+    return result
+
+
+def _prompt_logprobs(positions: list[dict[str, Any] | None]) -> list[list[Logprob] | None]:
+    """vLLM's ``[None, {token_id: {logprob, rank, decoded_token}}, ...]`` → per-position lists, best first.
+
+    The first position is ``None``: nothing precedes the first prompt token. Each later list holds the
+    prompt's own token and the top ``prompt_logprobs`` alternatives, ordered by rank.
+    """
+    result: list[list[Logprob] | None] = []
+    for position in positions:
+        if position is None:
+            result.append(None)
+            continue
+        ranked = sorted(position.items(), key=lambda item: item[1].get("rank") or 0)
+        result.append(
+            [{"token": entry.get("decoded_token") or token_id, "logprob": entry["logprob"]} for token_id, entry in ranked]
+        )
+    return result
