@@ -153,7 +153,7 @@ def test_strict_failure_survives_pickling():
 def test_base_url_with_and_without_v1(fake_vllm, tokenizer_dir, suffix):
     with ClientvLLM(base_url=fake_vllm.base_url + suffix, tokenizer=tokenizer_dir) as llm:
         assert llm.generate_outputs([[{"role": "user", "content": "hi"}]])[0][0]
-    assert {r.path for r in fake_vllm.requests} == {"/v1/models", "/version", "/v1/completions"}
+    assert {r.path for r in fake_vllm.requests} == {"/v1/models", "/version", "/tokenize", "/v1/completions"}
 
 
 def test_load_is_idempotent_and_discovers_model(fake_vllm, tokenizer_dir):

@@ -295,3 +295,54 @@ def test_agenerate_signature_lists_every_typed_parameter():
 def test_a_misspelt_parameter_gets_a_suggestion(llm):
     with pytest.raises(InvalidInputError, match="'temprature' \\(did you mean 'temperature'\\?\\)"):
         llm.generate([user("x")], temprature=0.5)
+
+
+# -- 5. a tokenizer that does not match the served model ------------------------------------------------
+
+
+@pytest.fixture
+def other_template_dir(tokenizer_dir, tmp_path):
+    """The same vocabulary with another chat template: prompts rendered with it are not the server's."""
+    import json
+    import shutil
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tokenizer_dir, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    (other / "chat_template.jinja").unlink(missing_ok=True)
+    return other
+
+
+def test_a_matching_tokenizer_loads_without_a_word(fake_vllm, tokenizer_dir, caplog):
+    with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=tokenizer_dir):
+        pass
+    assert not [r for r in caplog.records if "does not match" in r.getMessage()]
+    assert fake_vllm.requests_to("/tokenize")[0].body["messages"]
+
+
+def test_a_mismatched_tokenizer_is_a_warning_naming_both(fake_vllm, other_template_dir, caplog):
+    with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=other_template_dir) as client:
+        assert client.generate_outputs([user("x")])[0][0]
+    (warning,) = [r for r in caplog.records if "does not match" in r.getMessage()]
+    assert warning.levelname == "WARNING"
+    assert str(other_template_dir) in warning.getMessage() and "'tiny-llama'" in warning.getMessage()
+
+
+def test_a_mismatched_tokenizer_is_an_error_on_request(fake_vllm, other_template_dir):
+    from vllmclient import ConfigurationError
+
+    client = ClientvLLM(base_url=fake_vllm.base_url, tokenizer=other_template_dir, tokenizer_check="error")
+    with pytest.raises(ConfigurationError, match="does not match the served model 'tiny-llama'"):
+        client.load()
+    client.close()
+    with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=other_template_dir, tokenizer_check="off"):
+        pass
+    assert len(fake_vllm.requests_to("/tokenize")) == 1  # "off" asks nothing
+
+
+def test_a_server_without_tokenize_is_not_checked(fake_vllm, other_template_dir, caplog):
+    fake_vllm.fail_next(404, path="/tokenize")
+    with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=other_template_dir, tokenizer_check="error") as client:
+        assert client.generate_outputs([user("x")])[0][0]

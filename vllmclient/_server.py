@@ -54,6 +54,29 @@ class ServerInfo:
         return version is not None and version < (0, 12)
 
 
+# A user turn (every chat template takes one; many refuse a system turn) with digits, punctuation and
+# non-ASCII text, so that both the template and the vocabulary show.
+PROBE = [{"role": "user", "content": "Hello! Count 1, 2, 3; then say: café, naïve, 東京, ✓."}]
+
+
+def tokenizer_mismatch(local: list[int], served: list[int], tokenizer: str, model: str) -> str | None:
+    """Why the client's tokenizer cannot stand for the served model's, or ``None`` when they agree.
+
+    Both token lists are of ``PROBE`` rendered with the chat template (the client's, and the one the
+    server applies), so a different vocabulary and a different template both show.
+    """
+    if local == served:
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(local, served, strict=False)) if a != b), min(len(local), len(served)))
+    return (
+        f"The tokenizer {tokenizer!r} does not match the served model {model!r}: a probe conversation renders and "
+        f"tokenizes to {len(local)} tokens here and {len(served)} at the server (first difference at token "
+        f"{first}). Prompts rendered with it would reach the model malformed. Pass the served model's tokenizer "
+        "(the name or path given to `vllm serve`), or tokenizer_check='off' if the server's own template is the "
+        "one that differs on purpose."
+    )
+
+
 def parse_version(payload: Any) -> str | None:
     version = payload.get("version") if isinstance(payload, dict) else None
     return version if isinstance(version, str) else None

@@ -15,7 +15,7 @@ import logging
 import os
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import Any, Self
+from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
 import openai
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field
 
 from ._engine import Engine, http_client
 from ._request import Request, build_request
-from ._server import ServerInfo, choose_model, parse_models, parse_version
+from ._server import PROBE, ServerInfo, choose_model, parse_models, parse_version, tokenizer_mismatch
 from ._sync import LoopThread
 from .checkpoint import Checkpoint
 from .errors import APIError, ConfigurationError, GenerationFailedError, InvalidInputError
@@ -45,7 +45,7 @@ logger = logging.getLogger("vllmclient")
 # Changing one of these after load() means the SDK client (and, for the second set, the tokenizer) is rebuilt.
 _CONNECTION_FIELDS = frozenset(
     {"base_url", "api_key", "max_retries", "timeout", "httpx_client_kwargs", "default_headers", "model",
-     "max_concurrency", "pack_size"}
+     "max_concurrency", "pack_size", "tokenizer_check"}
 )
 _FORMATTER_FIELDS = frozenset(
     {"tokenizer", "tokenizer_revision", "trust_remote_code", "use_magpie_template", "magpie_pre_query_template"}
@@ -101,6 +101,7 @@ class ClientvLLM(BaseModel):
     trust_remote_code: bool = False
     use_magpie_template: bool = False
     magpie_pre_query_template: str | None = None
+    tokenizer_check: Literal["warn", "error", "off"] = "warn"
     max_concurrency: int = Field(default=256, ge=1)
     pack_size: int | None = Field(default=None, ge=1, le=1024)
     generation_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -288,10 +289,46 @@ class ClientvLLM(BaseModel):
             await aclient.close()
             raise
         engine.served_models = server.names
+        if self._formatter is not None and self.tokenizer_check != "off":
+            try:
+                await self._check_tokenizer(engine, api_base, name)
+            except BaseException:
+                await aclient.close()
+                raise
         self._loop.add_closer(aclient.close)
         self._aclient, self._engine, self._server = aclient, engine, server
         self._model_name, self._max_model_len = name, max_len
         logger.info("vllmclient: using model %r at %s (max_model_len=%s)", name, api_base, max_len)
+
+    async def _check_tokenizer(self, engine: Engine, api_base: str, model: str) -> None:
+        """Compare the client's rendering and tokenization of a probe with the server's ``/tokenize``.
+
+        A mismatch is a warning (``tokenizer_check="error"``: a ``ConfigurationError``); a server
+        without ``/tokenize`` (or one that cannot render the probe) is not checked.
+        """
+        assert self._formatter is not None
+        try:
+            answer = await engine.post(
+                api_base.removesuffix("/v1") + "/tokenize",
+                {"model": model, "messages": PROBE, "add_generation_prompt": True},
+                sequences=0,
+            )
+            served = answer[0]["tokens"]
+        except (APIError, KeyError, TypeError) as exc:
+            logger.debug("vllmclient: tokenizer not checked (the server's /tokenize answered %s)", exc)
+            return
+        formatter = self._formatter
+        try:
+            local = formatter.tokenizer.encode(formatter.render(PROBE), add_special_tokens=False)
+        except Exception as exc:  # noqa: BLE001 - a template that refuses the probe is checked per input instead
+            logger.debug("vllmclient: tokenizer not checked (the chat template refused the probe: %s)", exc)
+            return
+        problem = tokenizer_mismatch(list(local), list(served), str(self.tokenizer), model)
+        if problem is None:
+            return
+        if self.tokenizer_check == "error":
+            raise ConfigurationError(problem)
+        logger.warning("vllmclient: %s", problem)
 
     def close(self) -> None:
         """Release connections and the private loop's thread; ``load()`` (or any call) reconnects."""
