@@ -8,8 +8,7 @@ import warnings
 
 import pytest
 
-from vllmclient import ClientvLLM, InvalidInputError, PromptTooLongError
-from vllmclient._request import UnknownFieldWarning
+from vllmclient import ClientvLLM, InvalidInputError, PromptTooLongError, UnknownFieldWarning
 
 
 def user(content):

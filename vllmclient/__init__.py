@@ -16,10 +16,12 @@ from .errors import (
     PromptTooLongError,
     ServerError,
     ServerUnreachableError,
+    UnknownFieldWarning,
     VLLMClientError,
 )
 from .formatter import ChatFormatter
 from .local_server import LocalServer
+from .params import GenerationParams
 from .results import GenerateOutput, GenerationError
 
 __version__ = "0.1.0"
@@ -34,6 +36,7 @@ __all__ = [
     "GenerateOutput",
     "GenerationError",
     "GenerationFailedError",
+    "GenerationParams",
     "InvalidInputError",
     "LocalServer",
     "LocalServerError",
@@ -41,6 +44,7 @@ __all__ = [
     "PromptTooLongError",
     "ServerError",
     "ServerUnreachableError",
+    "UnknownFieldWarning",
     "VLLMClientError",
     "__version__",
 ]

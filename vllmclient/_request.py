@@ -14,15 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._server import ServerInfo
-from .errors import InvalidInputError
+from .errors import InvalidInputError, UnknownFieldWarning
 from .params import GenerationParams
 
-__all__ = ["Request", "UnknownFieldWarning", "build_request"]
-
-
-class UnknownFieldWarning(UserWarning):
-    """An ``extra_body`` key vLLM does not read: it would be ignored without a word (HTTP 200)."""
-
+__all__ = ["Request", "build_request"]
 
 # vLLM's sampling parameters, sent only when set (so the model's generation_config applies otherwise).
 _VLLM_SAMPLING = (

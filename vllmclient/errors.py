@@ -15,6 +15,9 @@
     ├── GenerationFailedError        strict mode: some inputs failed; holds every failure
     └── LocalServerError             the local vLLM server would not start or died
 
+And one warning, ``UnknownFieldWarning`` (a ``UserWarning``): an ``extra_body`` key vLLM does not read,
+which it would ignore without a word.
+
 Every ``APIError`` keeps the server's own ``message``, the HTTP ``status_code`` and the ``request_id``
 when the server sent one; the SDK exception it wraps is its ``__cause__``.
 """
@@ -40,8 +43,13 @@ __all__ = [
     "PromptTooLongError",
     "ServerError",
     "ServerUnreachableError",
+    "UnknownFieldWarning",
     "VLLMClientError",
 ]
+
+
+class UnknownFieldWarning(UserWarning):
+    """An ``extra_body`` key vLLM does not read: it would be ignored without a word (HTTP 200)."""
 
 
 class VLLMClientError(Exception):

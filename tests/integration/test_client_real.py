@@ -199,7 +199,7 @@ def test_chat_path_gives_the_same_shapes_and_texts(llm: ClientvLLM, chat_llm: Cl
     inputs = [user(q) for q in QUESTIONS[:4]] + [varied(3)]
     chat = chat_llm.generate(inputs, num_generations=2, temperature=1.0, seed=5, max_new_tokens=24)
     for output in chat:
-        assert set(output) == {"generations", "statistics", "finish_reasons"}
+        assert set(output) == {"generations", "statistics", "finish_reasons", "request_id"}
         assert len(output["generations"]) == 2 and all(isinstance(t, str) and t for t in output["generations"])
         assert all(isinstance(c, int) and c > 0 for c in output["statistics"]["input_tokens"])
         assert all(isinstance(c, int) and 0 < c <= 24 for c in output["statistics"]["output_tokens"])
@@ -322,7 +322,7 @@ def test_too_long_prompt_rejected_by_the_server_is_split_out_of_its_pack(
         base_url=vllm_server.base_url, tokenizer=str(vllm_tokenizer_dir), pack_size=16, max_retries=0
     )
     client.load()
-    client._max_model_len = None  # the client now believes anything fits: the server must say no
+    _forget_max_model_len(client)  # the client now believes anything fits: the server must say no
     try:
         inputs = [user(q) for q in QUESTIONS[:3]] + [user(LONG)] + [user(q) for q in QUESTIONS[3:]]
         outputs = client.generate(inputs, max_new_tokens=8, temperature=0)
@@ -433,6 +433,8 @@ def test_packed_and_unpacked_give_identical_results(
             base_url=vllm_server.base_url, tokenizer=str(vllm_tokenizer_dir), pack_size=pack_size, max_retries=0
         ) as client:
             results[pack_size] = client.generate(inputs, temperature=1.0, seed=1234, max_new_tokens=32)
+    for outputs in results.values():
+        assert len({o.pop("request_id") for o in outputs}) >= 2  # each pack its own request id
     unpacked = results[1]
     assert all("error" not in o for o in unpacked)
     assert results[16] == unpacked
@@ -455,3 +457,102 @@ async def test_aiter_generate_yields_every_index_once(llm: ClientvLLM) -> None:
         else:
             assert "error" not in output and output["generations"][0]
     assert sorted(seen) == list(range(31))
+
+
+def _forget_max_model_len(client: ClientvLLM) -> None:
+    """Make the client unable to check lengths locally, so that the server is the judge."""
+    from vllmclient._server import ModelCard
+
+    assert client._server is not None
+    client._server.cards[:] = [ModelCard(card.id, card.parent, None) for card in client._server.cards]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the request surface (issue 8): length edges, truncation, content parts, prompt logprobs, tokenizer check
+# ----------------------------------------------------------------------------------------------------
+
+
+def _exact(formatter: ChatFormatter, tokens: int) -> list[dict[str, str]]:
+    """A conversation whose rendered prompt has exactly ``tokens`` tokens."""
+    words: list[str] = []
+    while formatter.count_tokens(formatter.render(user(" ".join(["Anna", *words])))) < tokens:
+        words.append("Anna")
+    conversation = user(" ".join(["Anna", *words]))
+    assert formatter.count_tokens(formatter.render(conversation)) == tokens
+    return conversation
+
+
+@pytest.mark.parametrize("checked_locally", [True, False])
+def test_a_prompt_of_exactly_max_model_len_in_a_pack_fails_alone(
+    vllm_server: LocalServer, vllm_tokenizer_dir: Path, formatter: ChatFormatter, checked_locally: bool
+) -> None:
+    client = ClientvLLM(base_url=vllm_server.base_url, tokenizer=str(vllm_tokenizer_dir), pack_size=8, max_retries=0)
+    client.load()
+    if not checked_locally:
+        _forget_max_model_len(client)
+    try:
+        inputs = [user(q) for q in QUESTIONS[:3]] + [_exact(formatter, MAX_MODEL_LEN)] + [user(q) for q in QUESTIONS[3:]]
+        outputs = client.generate(inputs, max_new_tokens=8, temperature=0)
+    finally:
+        client.close()
+    assert [("error" in output) for output in outputs] == [False, False, False, True, False, False, False]
+    error = outputs[3]["error"]
+    assert error.type == "PromptTooLongError"
+    assert error.status_code == (None if checked_locally else 400)
+
+
+def test_truncate_prompt_tokens_lets_a_long_prompt_through(llm: ClientvLLM, chat_llm: ClientvLLM) -> None:
+    for client in (llm, chat_llm):
+        output = client.generate([user(LONG)], truncate_prompt_tokens=50, truncation_side="left", max_new_tokens=4)[0]
+        assert "error" not in output, output.get("error")
+        assert output["statistics"]["input_tokens"] == [50]
+
+
+def test_a_very_long_chat_prompt_is_prompt_too_long(chat_llm: ClientvLLM) -> None:
+    """Past vLLM's character bound the server refuses by characters, not tokens: still PromptTooLongError."""
+    output = chat_llm.generate([user("x" * 200_000)], max_new_tokens=4)[0]
+    assert output["error"].type == "PromptTooLongError", output["error"]
+    assert "characters" in output["error"].message
+
+
+def test_text_parts_give_the_same_text_as_a_string(llm: ClientvLLM, chat_llm: ClientvLLM) -> None:
+    parts = [{"type": "text", "text": "Tell me about Anna."}, {"type": "text", "text": "And the ball."}]
+    joined = "Tell me about Anna.\nAnd the ball."
+    for client in (llm, chat_llm):
+        outputs = client.generate([user(parts), user(joined)], max_new_tokens=12, temperature=0)  # type: ignore[arg-type]
+        assert outputs[0]["generations"] == outputs[1]["generations"]
+        assert outputs[0]["statistics"]["input_tokens"] == outputs[1]["statistics"]["input_tokens"]
+
+
+def test_prompt_logprobs_have_one_entry_per_prompt_token(llm: ClientvLLM, chat_llm: ClientvLLM) -> None:
+    for client in (llm, chat_llm):
+        output = client.generate([user("Say hello.")], prompt_logprobs=2, max_new_tokens=4)[0]
+        positions = output["prompt_logprobs"]
+        assert len(positions) == output["statistics"]["input_tokens"][0]
+        assert positions[0] is None and all(1 <= len(top) <= 3 for top in positions[1:])
+
+
+def test_removed_guided_fields_are_refused_by_version(llm: ClientvLLM) -> None:
+    from vllmclient import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="guided_choice.*removed.*0\\.32"):
+        llm.generate([user("x")], extra_body={"guided_choice": ["yes", "no"]})
+
+
+def test_the_tokenizer_check_against_the_real_server(
+    vllm_server: LocalServer, vllm_tokenizer_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    with ClientvLLM(base_url=vllm_server.base_url, tokenizer=str(vllm_tokenizer_dir)):
+        pass
+    assert not [r for r in caplog.records if "does not match" in r.getMessage()]
+    other = tmp_path / "other"
+    shutil.copytree(vllm_tokenizer_dir, other, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    (other / "chat_template.jinja").unlink(missing_ok=True)
+    with ClientvLLM(base_url=vllm_server.base_url, tokenizer=str(other)):
+        pass
+    assert [r for r in caplog.records if "does not match the served model 'tiny-llama'" in r.getMessage()]
