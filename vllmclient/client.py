@@ -472,20 +472,20 @@ class ClientvLLM(BaseModel):
         assert self._engine is not None
         request = self._request({**self.generation_kwargs, **kwargs, "num_generations": num_generations})
         saved: Checkpoint | None = None
-        restored: list[tuple[int, GenerateOutput]] = []
         indexed: Iterable[tuple[int, Any]] = enumerate(inputs)
         if checkpoint is not None:
-            identity = {"request": request.body, "tokenizer": [self.tokenizer, self.tokenizer_revision],
-                        "magpie": self.magpie_pre_query_template if self.use_magpie_template else None}
-            saved = Checkpoint(checkpoint, identity, keep_outputs=keep_saved).open()
-            indexed = saved.pending(inputs, restored)
+            magpie = self.magpie_pre_query_template if self.use_magpie_template else None
+            saved = Checkpoint(checkpoint, request=request.body, tokenizer=self.tokenizer,
+                               tokenizer_revision=self.tokenizer_revision, magpie_pre_query_template=magpie,
+                               keep_outputs=keep_saved).open()
+            indexed = saved.pending(inputs)
         bar = _progress_bar(inputs, progress)
         errors = 0
-        batches = _with_restored(self._engine.stream(indexed, request, self._prepare(request)), restored)
+        batches = self._engine.stream(indexed, request, self._prepare(request))
+        if saved is not None:
+            batches = saved.settled(batches)  # saves each batch; results saved earlier come back too
         try:
             async for batch in batches:
-                if saved is not None:
-                    saved.save([item for item in batch if item[0] not in saved.done])
                 if bar is not None:
                     failed = sum(1 for _, output in batch if "error" in output)
                     if failed:
@@ -568,22 +568,6 @@ class ClientvLLM(BaseModel):
     def __repr_args__(self) -> Any:  # keep the key out of reprs and logs even if unmasked somewhere
         for name, value in super().__repr_args__():
             yield name, ("**********" if name == "api_key" else value)
-
-
-async def _with_restored(
-    batches: AsyncIterator[list[tuple[int, GenerateOutput]]], restored: list[tuple[int, GenerateOutput]]
-) -> AsyncIterator[list[tuple[int, GenerateOutput]]]:
-    """Interleave results restored from a checkpoint (found as inputs are read) with new ones."""
-    try:
-        async for batch in batches:
-            if restored:
-                batch = [*restored, *batch]
-                restored.clear()
-            yield batch
-        if restored:
-            yield list(restored)
-    finally:
-        await batches.aclose()  # type: ignore[attr-defined]
 
 
 async def _version(engine: Engine, api_base: str) -> str | None:
