@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import pytest
@@ -214,3 +215,44 @@ def test_5xx_after_retries_is_a_server_error(llm, fake_vllm):
     with pytest.raises(ServerError) as info:
         asyncio.run(llm.agenerate(user("x")))
     assert info.value.status_code == 500 and "server had an error" in str(info.value)
+
+
+# -- failed inputs are never silent ------------------------------------------------------------------
+
+
+def test_generate_outputs_warns_with_the_count_and_first_reasons_of_failed_inputs(llm, fake_vllm, caplog):
+    fake_vllm.fail_prompts_containing("[[bad]]", message="this prompt is refused")
+    inputs = [user("[[bad]] no") if i % 3 == 1 else user(f"[[ok{i}]] yes") for i in range(12)]
+    with caplog.at_level(logging.WARNING, logger="vllmclient"):
+        texts = llm.generate_outputs(inputs, max_new_tokens=4)
+    assert [i for i, t in enumerate(texts) if t == [None]] == [1, 4, 7, 10]
+    (record,) = [r for r in caplog.records if r.name == "vllmclient" and r.levelno == logging.WARNING]
+    message = record.getMessage()
+    assert "4 of 12 inputs failed" in message
+    assert "input 1: BadRequestError" in message and "this prompt is refused" in message
+    assert "input 4: BadRequestError" in message and "input 7: BadRequestError" in message
+    assert "input 10" not in message and "1 more" in message  # the first few, not all
+    assert "generate()" in message  # says where the full records are
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vllmclient"):
+        everything_failed = llm.generate_outputs([user("[[bad]] a"), user("[[bad]] b")], max_new_tokens=4)
+    assert everything_failed == [[None], [None]]
+    assert "2 of 2 inputs failed" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="vllmclient"):
+        llm.generate_outputs([user("fine")], max_new_tokens=4)
+    assert "failed" not in caplog.text
+
+
+def test_generate_logs_failures_at_debug_level_only(llm, fake_vllm, caplog):
+    """generate() returns each failure's record, so the summary is a debug line, never a warning."""
+    fake_vllm.fail_prompts_containing("[[bad]]", message="this prompt is refused")
+    with caplog.at_level(logging.DEBUG, logger="vllmclient"):
+        outputs = llm.generate([user("[[bad]] no"), user("[[ok]] yes")], max_new_tokens=4)
+    assert outputs[0]["error"].type == "BadRequestError"
+    failures = [r for r in caplog.records if "inputs failed" in r.getMessage()]
+    assert [r.levelno for r in failures] == [logging.DEBUG]
+    assert "1 of 2 inputs failed" in failures[0].getMessage()
+    assert "input 0: BadRequestError: " in failures[0].getMessage()

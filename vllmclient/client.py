@@ -26,7 +26,7 @@ from ._request import Request, build_request
 from ._server import PROBE, ServerInfo, choose_model, parse_models, parse_version, tokenizer_mismatch
 from ._sync import LoopThread
 from .checkpoint import Checkpoint
-from .errors import APIError, ConfigurationError, GenerationFailedError, InvalidInputError
+from .errors import APIError, ConfigurationError, GenerationFailedError, InvalidInputError, failure_lines
 from .formatter import (
     ChatFormatter,
     Conversation,
@@ -392,7 +392,9 @@ class ClientvLLM(BaseModel):
         saves each result as it completes, so the same call after Ctrl-C or a crash sends only what is
         missing. ``kwargs`` are ``agenerate``'s sampling parameters.
         """
-        return self._loop.run(self._collect(inputs, num_generations, strict, progress, checkpoint, kwargs))
+        outputs = self._loop.run(self._collect(inputs, num_generations, strict, progress, checkpoint, kwargs))
+        _log_failures(outputs, logging.DEBUG, "each one's output holds its 'error' record")
+        return outputs
 
     def generate_outputs(
         self,
@@ -404,10 +406,16 @@ class ClientvLLM(BaseModel):
         checkpoint: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> list[list[str | None]]:
-        """Like ``generate``, returning only the texts: one list of ``num_generations`` per input."""
+        """Like ``generate``, returning only the texts: one list of ``num_generations`` per input.
+
+        A failed input's texts are ``None``; a warning says how many failed and why (``generate`` returns
+        each failure's record, ``strict=True`` raises).
+        """
         outputs = self.generate(
             inputs, num_generations, strict=strict, progress=progress, checkpoint=checkpoint, **kwargs
         )
+        _log_failures(outputs, logging.WARNING, "their generations are None (generate() returns each failure's "
+                      "record; strict=True raises instead)")
         return [output["generations"] for output in outputs]
 
     async def aiter_generate(
@@ -591,6 +599,14 @@ def _agenerate_signature() -> inspect.Signature:
 
 
 ClientvLLM.agenerate.__signature__ = _agenerate_signature()  # type: ignore[attr-defined]
+
+
+def _log_failures(outputs: list[GenerateOutput], level: int, note: str) -> None:
+    """Failed inputs are never silent: how many, and the first reasons."""
+    failures = [output["error"] for output in outputs if "error" in output]
+    if failures and logger.isEnabledFor(level):
+        logger.log(level, "vllmclient: %d of %d inputs failed; %s:\n%s", len(failures), len(outputs), note,
+                   "\n".join(failure_lines(failures, 3)))
 
 
 def _progress_bar(inputs: Iterable[Any], progress: bool | None) -> Any:

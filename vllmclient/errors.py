@@ -135,15 +135,19 @@ class GenerationFailedError(VLLMClientError):
         self.failures = list(failures)
         self.total = total
         self.results = list(results)  # every input's output, failed ones included: nothing is lost
-        lines = [f"{len(self.failures)} of {total} inputs failed:"]
-        for failure in self.failures[:10]:
-            lines.append(f"  input {failure.index}: {failure.type}: {failure.message}")
-        if len(self.failures) > 10:
-            lines.append(f"  ... and {len(self.failures) - 10} more (see .failures)")
-        super().__init__("\n".join(lines))
+        lines = failure_lines(self.failures, 10, more=" (see .failures)")
+        super().__init__("\n".join([f"{len(self.failures)} of {total} inputs failed:", *lines]))
 
     def __reduce__(self) -> Any:  # survives pickling (multiprocessing workers)
         return (self.__class__, (self.failures, self.total), {"results": self.results})
+
+
+def failure_lines(failures: Sequence[GenerationError], shown: int, *, more: str = "") -> list[str]:
+    """One line per failure (index, type, message) for the first ``shown``, then how many more."""
+    lines = [f"  input {failure.index}: {failure.type}: {failure.message}" for failure in failures[:shown]]
+    if len(failures) > shown:
+        lines.append(f"  ... and {len(failures) - shown} more{more}")
+    return lines
 
 
 _CONTEXT_NUMBERS = re.compile(
