@@ -231,15 +231,17 @@ def test_equal_parameters_written_differently_are_the_same_job(fake_vllm, tokeni
 # -- every failure is ours: paths, garbled files, write errors --------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["directory", "parent is a file", "device"])
+@pytest.mark.parametrize("kind", ["directory", "parent is a file", "device", "name too long"])
 def test_a_path_that_cannot_hold_a_checkpoint_is_a_clear_error(fake_vllm, tokenizer_dir, tmp_path, kind):
     if kind == "directory":
         path, fix = tmp_path, "is a directory"
     elif kind == "parent is a file":
         (tmp_path / "notes.txt").write_text("hello\n")
         path, fix = tmp_path / "notes.txt" / "job.jsonl", "cannot"
-    else:
+    elif kind == "device":
         path, fix = os.devnull, "not a regular file"
+    else:  # any other error of the OS (permission denied, ...) takes the same way
+        path, fix = tmp_path / ("x" * 300), "File name too long"
     with (ClientvLLM(base_url=fake_vllm.base_url, tokenizer=tokenizer_dir) as llm,
           pytest.raises(ConfigurationError, match=fix) as info):
         llm.generate(tagged(2), checkpoint=path, max_new_tokens=4)

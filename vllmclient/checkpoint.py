@@ -91,13 +91,13 @@ class Checkpoint:
 
     def _open(self) -> None:
         path = self.path
-        if path.is_dir():
-            raise ConfigurationError(
-                f"checkpoint {path} is a directory: pass a file path, such as {path / 'job.jsonl'}."
-            )
-        if path.exists() and not path.is_file():
-            raise ConfigurationError(f"checkpoint {path} is not a regular file: pass a path such as 'job.jsonl'.")
         try:
+            if path.is_dir():
+                raise ConfigurationError(
+                    f"checkpoint {path} is a directory: pass a file path, such as {path / 'job.jsonl'}."
+                )
+            if path.exists() and not path.is_file():
+                raise ConfigurationError(f"checkpoint {path} is not a regular file: pass a path such as 'job.jsonl'.")
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("ab", buffering=0)  # opening to append writes nothing
@@ -113,8 +113,8 @@ class Checkpoint:
             ) from exc
         except OSError as exc:
             raise ConfigurationError(
-                f"cannot use {path} as a checkpoint ({exc.strerror or exc}). Choose a file in a folder you can "
-                "write to, or fix this one's permissions."
+                f"cannot use {path} as a checkpoint ({exc.strerror or exc}); choose another path, a file in a "
+                "folder you can write to."
             ) from exc
         if not size:
             self._write_lines([{"format": _FORMAT, "parameters": self._parameters}])
