@@ -213,6 +213,23 @@ def test_a_refusal_for_other_parameters_names_what_differs(make_fake_vllm, fake_
     assert path.read_bytes() == saved
 
 
+def test_template_parameters_rendered_on_the_client_belong_to_the_job(fake_vllm, tokenizer_dir, tmp_path):
+    """chat_template_kwargs change the prompts the client renders, though they are not in the request body."""
+    path = tmp_path / "job.jsonl"
+    with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=tokenizer_dir) as llm:
+        llm.generate(tagged(3), checkpoint=path, max_new_tokens=4, chat_template_kwargs={"enable_thinking": True})
+        saved = path.read_bytes()
+        with pytest.raises(ConfigurationError, match=r"chat_template_kwargs: saved \{'enable_thinking': True\}, "
+                           r"now \{'enable_thinking': False\}"):
+            llm.generate(tagged(3), checkpoint=path, max_new_tokens=4, chat_template_kwargs={"enable_thinking": False})
+        with pytest.raises(ConfigurationError, match="chat_template_kwargs: saved .*, now not set"):
+            llm.generate(tagged(3), checkpoint=path, max_new_tokens=4)
+        assert path.read_bytes() == saved
+        fake_vllm.clear()
+        llm.generate(tagged(3), checkpoint=path, max_new_tokens=4, chat_template_kwargs={"enable_thinking": True})
+        assert sent_prompts(fake_vllm) == []
+
+
 def test_equal_parameters_written_differently_are_the_same_job(fake_vllm, tokenizer_dir, tmp_path, monkeypatch):
     path = tmp_path / "job.jsonl"
     monkeypatch.chdir(tokenizer_dir.parent)

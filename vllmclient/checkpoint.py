@@ -6,10 +6,10 @@ A file written for other inputs or other generation parameters is refused, and n
 a refusal says which input or which parameter differs.
 
 The file: a header ``{"format": "vllmclient-checkpoint-2", "parameters": {...}}`` holding the job's
-parameters (the request body without the prompts, the tokenizer, the Magpie template; numbers and
-local paths normalized), then one ``{"index", "key", "output"}`` line per finished input, ``key``
-being a fingerprint of its conversation. Format 1 (the header held only a fingerprint of the
-parameters) is still read and extended.
+parameters (the request body without the prompts; the tokenizer, Magpie template and
+chat_template_kwargs the client renders prompts with; numbers and local paths normalized), then one
+``{"index", "key", "output"}`` line per finished input, ``key`` being a fingerprint of its
+conversation. Format 1 (the header held only a fingerprint of the parameters) is still read and extended.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class Checkpoint:
         tokenizer: str | None,
         tokenizer_revision: str | None,
         magpie_pre_query_template: str | None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
         keep_outputs: bool,
     ) -> None:
         if not isinstance(path, (str, os.PathLike)):
@@ -64,11 +65,13 @@ class Checkpoint:
             "tokenizer": _local_path(tokenizer),
             "tokenizer_revision": tokenizer_revision,
             "magpie_pre_query_template": magpie_pre_query_template,
+            **({} if chat_template_kwargs is None else {"chat_template_kwargs": chat_template_kwargs}),
         })
-        # What format 1 fingerprinted: the values as given.
-        self._fingerprint_1 = fingerprint(
-            {"request": request, "tokenizer": [tokenizer, tokenizer_revision], "magpie": magpie_pre_query_template}
-        )
+        # What format 1 fingerprinted: the values as given (it had no chat_template_kwargs: any differ).
+        self._fingerprint_1 = fingerprint({
+            "request": request, "tokenizer": [tokenizer, tokenizer_revision], "magpie": magpie_pre_query_template,
+            **({} if chat_template_kwargs is None else {"chat_template_kwargs": chat_template_kwargs}),
+        })
         self._keep_outputs = keep_outputs
         self._done: dict[int, str] = {}  # index -> conversation fingerprint, of saved results not yet compared
         self._outputs: dict[int, GenerateOutput] = {}

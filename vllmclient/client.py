@@ -485,7 +485,7 @@ class ClientvLLM(BaseModel):
             magpie = self.magpie_pre_query_template if self.use_magpie_template else None
             saved = Checkpoint(checkpoint, request=request.body, tokenizer=self.tokenizer,
                                tokenizer_revision=self.tokenizer_revision, magpie_pre_query_template=magpie,
-                               keep_outputs=keep_saved).open()
+                               chat_template_kwargs=request.chat_template_kwargs, keep_outputs=keep_saved).open()
             indexed = saved.pending(inputs)
         bar = _progress_bar(inputs, progress)
         errors = 0
