@@ -219,7 +219,10 @@ async def test_a_passing_fault_costs_one_retry_and_the_call_succeeds(fault, mode
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("fault", cases(FAULTS))
 async def test_a_lasting_fault_raises_our_error_saying_what_happened(fault, mode, fake_vllm, tokenizer_dir):
-    with client_for(fake_vllm, tokenizer_dir, mode, max_retries=1, **dict(fault.client)) as llm:
+    # Retrying costs the SDK's back-off (up to 0.5 s), so a fault it retries gets no retries here (the batch
+    # test below counts them); one it does not retry is allowed one, to show it is not taken.
+    max_retries = 0 if fault.retried else 1
+    with client_for(fake_vllm, tokenizer_dir, mode, max_retries=max_retries, **dict(fault.client)) as llm:
         fault.inject(fake_vllm, ENDPOINT[mode], LASTING, None)
         with pytest.raises(APIError) as raised:
             await awaited(llm.agenerate(tagged(7), max_new_tokens=4))
@@ -227,21 +230,21 @@ async def test_a_lasting_fault_raises_our_error_saying_what_happened(fault, mode
     assert type(error).__name__ == fault.error, error
     assert error.status_code == fault.status
     assert not says(error, fault.says), f"{error.message!r} does not mention {says(error, fault.says)}"
-    assert attempts(fake_vllm, mode) == ([0, 1] if fault.retried else [0])
+    assert attempts(fake_vllm, mode) == [0]
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("mode", MODES)
 async def test_the_sdk_waits_as_long_as_retry_after_says(mode, fake_vllm, tokenizer_dir):
-    """Its own first back-off is at most 0.5 s: a gap of 0.8 s comes from the header. (A busy
+    """Its own first back-off is at most 0.5 s: a gap of 0.6 s comes from the header. (A busy
     machine can only lengthen the gap, so this lower bound cannot fail spuriously.)"""
     with client_for(fake_vllm, tokenizer_dir, mode, max_retries=1) as llm:
-        fake_vllm.fail_next(429, path=ENDPOINT[mode], headers={"Retry-After": "0.8"})
+        fake_vllm.fail_next(429, path=ENDPOINT[mode], headers={"Retry-After": "0.6"})
         output = await awaited(llm.agenerate(tagged(7), max_new_tokens=4))
     assert starts_with_tag(output, 7)
     first, retry = fake_vllm.requests_to(ENDPOINT[mode])
     assert (first.retry_count, retry.retry_count) == (0, 1)
-    assert retry.at - first.at >= 0.8
+    assert retry.at - first.at >= 0.6
 
 
 # -- a batch: every fault at once, each on its own request ---------------------------------------
@@ -265,7 +268,7 @@ def batch_plan(mode: str, faults: list[Fault]) -> tuple[int, dict[int, Fault]]:
 @WAITS_FOR_H2
 @pytest.mark.parametrize("mode", MODES)
 def test_in_a_batch_a_lasting_fault_fails_only_the_inputs_of_its_request(mode, fake_vllm, tokenizer_dir):
-    faults = [fault for fault in FAULTS if fault.id != "slower-than-timeout"]
+    faults = [fault for fault in FAULTS if not fault.client]  # the slow answer's short timeout: next test
     count, affected = batch_plan(mode, faults)
     with client_for(fake_vllm, tokenizer_dir, mode, max_retries=1, pack_size=2) as llm:
         for k, fault in enumerate(faults):
@@ -345,7 +348,8 @@ def test_a_passing_fault_while_loading_is_retried(fault, fake_vllm, tokenizer_di
 
 @pytest.mark.parametrize("fault", cases([f for f in FAULTS if not f.client]))
 def test_a_lasting_fault_while_loading_raises_our_error(fault, fake_vllm, tokenizer_dir):
-    """Without the SDK's retries (shown above) to keep this fast."""
+    """Without the SDK's retries (shown above) to keep this fast. Not the slow answer: whether a timed-out
+    GET, which is idempotent, is sent again is for the network-errors work to settle."""
     fault.inject(fake_vllm, "/v1/models", LASTING, None)
     llm = ClientvLLM(base_url=fake_vllm.base_url, tokenizer=str(tokenizer_dir), max_retries=0)
     try:
@@ -362,10 +366,10 @@ def test_a_lasting_fault_while_loading_raises_our_error(fault, fake_vllm, tokeni
 # -- the server dies mid-job ---------------------------------------------------------------------
 
 
-def kill_mid_job(server: FakeVLLM, llm: ClientvLLM, count: int, down_for: float | None) -> list[Any]:
-    """Run a batch, kill the server once every slot is busy and, unless ``down_for`` is None,
-    start it again on the same port after that many seconds; returns the outputs."""
-    server.latency = 0.2
+def kill_mid_job(server: FakeVLLM, llm: ClientvLLM, mode: str, count: int, down_for: float | None) -> list[Any]:
+    """Run a batch, kill the server while the first requests fill every slot and, unless ``down_for``
+    is None, start it again on the same port after that many seconds; returns the outputs."""
+    server.delay_next(HANG, path=ENDPOINT[mode], times=llm.max_concurrency)  # held until the kill
     outcome: list[Any] = []
     job = threading.Thread(
         target=lambda: outcome.append(llm.generate([tagged(i) for i in range(count)], max_new_tokens=4)),
@@ -373,9 +377,9 @@ def kill_mid_job(server: FakeVLLM, llm: ClientvLLM, count: int, down_for: float 
     )
     job.start()
     deadline = time.monotonic() + HANG
-    while server.in_flight_requests < llm.max_concurrency and time.monotonic() < deadline:
+    while len(server.requests_to(ENDPOINT[mode])) < llm.max_concurrency and time.monotonic() < deadline:
         time.sleep(0.002)
-    assert server.in_flight_requests == llm.max_concurrency, "the job never filled its slots"
+    assert len(server.requests_to(ENDPOINT[mode])) == llm.max_concurrency, "the job never filled its slots"
     server.kill()
     if down_for is not None:
         time.sleep(down_for)
@@ -390,7 +394,7 @@ def kill_mid_job(server: FakeVLLM, llm: ClientvLLM, count: int, down_for: float 
 def test_a_server_that_dies_mid_job_and_comes_back_loses_nothing(mode, fake_vllm, tokenizer_dir):
     with client_for(fake_vllm, tokenizer_dir, mode, max_retries=3, max_concurrency=4, pack_size=1) as llm:
         port = fake_vllm.port
-        outputs = kill_mid_job(fake_vllm, llm, 12, down_for=0.2)
+        outputs = kill_mid_job(fake_vllm, llm, mode, 12, down_for=0.2)
         assert fake_vllm.port == port
     assert [index for index, output in enumerate(outputs) if not starts_with_tag(output, index)] == []
     retries = fake_vllm.requests_to(ENDPOINT[mode])
@@ -402,7 +406,7 @@ def test_a_server_that_dies_mid_job_and_comes_back_loses_nothing(mode, fake_vllm
 @pytest.mark.parametrize("mode", MODES)
 def test_a_server_that_dies_mid_job_and_stays_down_fails_every_input_as_unreachable(mode, fake_vllm, tokenizer_dir):
     with client_for(fake_vllm, tokenizer_dir, mode, max_retries=1, max_concurrency=4, pack_size=1) as llm:
-        outputs = kill_mid_job(fake_vllm, llm, 8, down_for=None)
+        outputs = kill_mid_job(fake_vllm, llm, mode, 8, down_for=None)
     assert len(outputs) == 8
     for index, output in enumerate(outputs):
         error = output["error"]
