@@ -7,6 +7,17 @@ and error shapes (see shared/reference/vllm-api.md section C), counts tokens
 exactly with the model's tokenizer, generates deterministic English text,
 records every request and lets tests inject failures.
 
+Faults (each applies to the next ``times`` requests to ``path``, "*" = any, whose
+raw body contains ``match`` if given; several queue up in order of injection):
+``fail_next`` answers an error status (any body, headers, content type: a 503
+with ``Retry-After``, a proxy's HTML 502, a 200 HTML page), ``drop_next`` closes
+the connection without answering, ``reset_next`` resets it (TCP RST) before any
+byte or, with ``after_bytes``, after the headers and part of the body,
+``truncate_next`` answers 200 with the JSON body cut short, ``delay_next`` answers
+only after a delay. ``kill()`` resets every open connection and stops serving;
+``start()`` serves again on the same port. ``Recorded.fault`` names the fault a
+request got.
+
 Generation: for prompt ``i`` and choice ``j`` a RNG seeded from (prompt,
 ``seed`` or a per-server request counter, ``j``) picks a target of 1 to
 ``2 * max_tokens`` words; text longer than ``min(max_tokens, max_model_len -
@@ -25,6 +36,7 @@ import json
 import random
 import re
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -88,14 +100,32 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any | None
+    fault: str | None = None  # the injected fault this request got ("503", "reset", "delay", ...)
+    at: float = 0.0  # time.monotonic() when it arrived
+
+    @property
+    def retry_count(self) -> int:
+        """The openai SDK's ``x-stainless-retry-count``: 0 for a first attempt."""
+        return int(self.headers.get("x-stainless-retry-count", "0"))
 
 
 @dataclass
-class _Failure:
-    status: int
-    body: Any
-    headers: dict[str, str] | None
+class _Fault:
+    """One injected fault; ``kind`` is "status", "drop", "reset", "truncate" or "delay"."""
+
+    kind: str
     remaining: int
+    match: bytes | None = None
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] | None = None
+    content_type: str | None = None
+    cut: int | None = None  # "reset": body bytes sent before the reset; "truncate": body bytes kept
+    seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return str(self.status) if self.kind == "status" else self.kind
 
 
 class _ApiError(Exception):
@@ -526,9 +556,8 @@ class FakeVLLM:
         self._fingerprint = f"vllm-{VERSION}-{uuid.uuid4().hex[:8]}"
         self._counter = 0
         self._lock = threading.Lock()
-        self._failures: dict[str, deque[_Failure]] = {}
+        self._faults: dict[str, deque[_Fault]] = {}
         self._prompt_failures: dict[str, tuple[int, str | None]] = {}
-        self._drops: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -594,7 +623,7 @@ class FakeVLLM:
         await web.SockSite(self._runner, sock, backlog=2048).start()
 
     def stop(self) -> None:
-        """Stop serving and join the thread."""
+        """Stop serving and join the thread (in-flight requests get up to 1 s to finish)."""
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
@@ -605,6 +634,26 @@ class FakeVLLM:
             loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         self._loop = self._thread = self._runner = None
+
+    def kill(self) -> None:
+        """Die like a crashed process: stop listening, reset every open connection, stop.
+
+        ``start()`` afterwards serves again on the same port (recorded requests are kept).
+        """
+        loop, runner = self._loop, self._runner
+        if loop is not None and runner is not None and loop.is_running():
+
+            async def crash() -> None:
+                for site in list(runner.sites):
+                    await site.stop()  # closes the listening socket: new connections are refused
+                server = runner.server
+                for handler in server.connections if server is not None else ():
+                    if handler.transport is not None:
+                        _reset(handler.transport)
+
+            with contextlib.suppress(TimeoutError, RuntimeError):
+                asyncio.run_coroutine_threadsafe(crash(), loop).result(timeout=10)
+        self.stop()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -623,16 +672,18 @@ class FakeVLLM:
             self.max_in_flight_sequences = self.in_flight_sequences
 
     def fail_next(self, status: int, *, body: Any = None, path: str = "/v1/completions", times: int = 1,
-                  headers: dict | None = None) -> None:
+                  headers: dict | None = None, content_type: str | None = None, match: str | None = None) -> None:
         """Answer the next ``times`` requests to ``path`` ("*" = any) with ``status``/``body``.
 
         Default body: vLLM's error object for ``status`` (401: ``{"error": "Unauthorized"}``).
-        A str/bytes body is sent raw (text/plain); anything else as JSON.
+        A str/bytes body is sent raw (``content_type``, default text/plain); anything else as JSON.
+        ``headers`` are added (e.g. ``{"Retry-After": "0.01"}``); ``match`` limits the fault to
+        requests whose raw body contains it (e.g. one input's text).
         """
         if body is None:
             body = {"error": "Unauthorized"} if status == 401 else error_body(status)
-        with self._lock:
-            self._failures.setdefault(path, deque()).append(_Failure(status, body, headers, times))
+        self._add_fault(path, _Fault("status", times, status=status, body=body, headers=headers,
+                                     content_type=content_type), match)
 
     def fail_prompts_containing(self, marker: str, *, status: int = 400, message: str | None = None) -> None:
         """Fail any completions/chat request whose prompt (or message) contains ``marker``.
@@ -643,17 +694,37 @@ class FakeVLLM:
         with self._lock:
             self._prompt_failures[marker] = (status, message)
 
-    def drop_next(self, *, path: str = "/v1/completions", times: int = 1) -> None:
+    def drop_next(self, *, path: str = "/v1/completions", times: int = 1, match: str | None = None) -> None:
         """Close the connection without answering the next ``times`` requests to ``path``."""
-        with self._lock:
-            self._drops[path] = self._drops.get(path, 0) + times
+        self._add_fault(path, _Fault("drop", times), match)
+
+    def reset_next(self, *, path: str = "/v1/completions", times: int = 1, after_bytes: int | None = None,
+                   match: str | None = None) -> None:
+        """Reset the connection (TCP RST) of the next ``times`` requests to ``path``.
+
+        By default before any byte of the answer; with ``after_bytes``, after the status line, the
+        headers (announcing the whole body's length) and that many bytes of the real answer's body.
+        """
+        self._add_fault(path, _Fault("reset", times, cut=after_bytes), match)
+
+    def truncate_next(self, *, path: str = "/v1/completions", times: int = 1, keep: int | None = None,
+                      match: str | None = None) -> None:
+        """Answer 200 with the real JSON body cut to ``keep`` bytes (default: half), a complete HTTP answer."""
+        self._add_fault(path, _Fault("truncate", times, cut=keep), match)
+
+    def delay_next(self, seconds: float, *, path: str = "/v1/completions", times: int = 1,
+                   match: str | None = None) -> None:
+        """Start answering the next ``times`` requests to ``path`` only after ``seconds``.
+
+        If the client gives up first, the request is abandoned like any other (not counted as answered).
+        """
+        self._add_fault(path, _Fault("delay", times, seconds=seconds), match)
 
     def clear_failures(self) -> None:
         """Remove all pending injected failures."""
         with self._lock:
-            self._failures.clear()
+            self._faults.clear()
             self._prompt_failures.clear()
-            self._drops.clear()
 
     def requests_to(self, path: str) -> list[Recorded]:
         """Recorded requests whose path is ``path``."""
@@ -661,25 +732,25 @@ class FakeVLLM:
 
     # ----------------------------------------------------------------- middleware
 
-    def _take_failure(self, path: str) -> _Failure | None:
+    def _add_fault(self, path: str, fault: _Fault, match: str | None) -> None:
+        if fault.remaining < 1:
+            raise ValueError(f"times must be at least 1, got {fault.remaining}")
+        fault.match = match.encode() if match is not None else None
         with self._lock:
-            for key in (path, "*"):
-                queue = self._failures.get(key)
-                if queue:
-                    failure = queue[0]
-                    failure.remaining -= 1
-                    if failure.remaining <= 0:
-                        queue.popleft()
-                    return failure
-        return None
+            self._faults.setdefault(path, deque()).append(fault)
 
-    def _take_drop(self, path: str) -> bool:
+    def _take_fault(self, path: str, raw: bytes) -> _Fault | None:
+        """The first pending fault for ``path`` (then "*") that matches this request; uses one of its times."""
         with self._lock:
             for key in (path, "*"):
-                if self._drops.get(key, 0) > 0:
-                    self._drops[key] -= 1
-                    return True
-        return False
+                queue = self._faults.get(key, ())
+                for fault in queue:
+                    if fault.match is None or fault.match in raw:
+                        fault.remaining -= 1
+                        if fault.remaining <= 0:
+                            queue.remove(fault)  # type: ignore[union-attr]
+                        return fault
+        return None
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -691,40 +762,73 @@ class FakeVLLM:
             except ValueError:
                 body = raw.decode("utf-8", "replace")
         headers = {k.lower(): v for k, v in request.headers.items()}
+        record = Recorded(request.method, request.path, headers, body, at=time.monotonic())
         with self._lock:
-            self.requests.append(Recorded(request.method, request.path, headers, body))
+            self.requests.append(record)
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         request[_REQUEST_ID] = request.headers.get("X-Request-Id", "")
         try:
-            response = await self._dispatch(request, handler, raw)
+            response = await self._dispatch(request, handler, raw, record)
         except _ApiError as e:
             response = _json_response(e.body, e.status, e.headers)
         if self.request_id_headers and not response.prepared:
             response.headers["X-Request-Id"] = request_id
         return response
 
-    async def _dispatch(self, request: web.Request, handler: Handler, raw: bytes) -> web.StreamResponse:
+    async def _dispatch(self, request: web.Request, handler: Handler, raw: bytes,
+                        record: Recorded) -> web.StreamResponse:
         path = request.path
         guarded = self.api_key is not None and request.method != "OPTIONS" and path.startswith(_GUARDED_PREFIXES)
         if guarded and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return _json_response({"error": "Unauthorized"}, 401)
-        if self._take_drop(path):
-            if request.transport is not None:
-                request.transport.abort()
-            raise asyncio.CancelledError
-        failure = self._take_failure(path)
-        if failure is not None:
-            if isinstance(failure.body, (str, bytes)):
-                return web.Response(status=failure.status, body=failure.body, headers=failure.headers,
-                                    content_type="text/plain")
-            return _json_response(failure.body, failure.status, failure.headers)
+        fault = self._take_fault(path, raw)
+        if fault is not None:
+            record.fault = fault.name
+            if fault.kind == "status":
+                if isinstance(fault.body, (str, bytes)):
+                    return web.Response(status=fault.status, body=fault.body, headers=fault.headers,
+                                        content_type=fault.content_type or "text/plain")
+                return _json_response(fault.body, fault.status, fault.headers, fault.content_type)
+            if fault.kind == "delay":
+                await asyncio.sleep(fault.seconds)  # cancelled if the client goes away (handler_cancellation)
+            elif fault.kind in ("drop", "reset") and fault.cut is None:
+                if request.transport is not None and fault.kind == "reset":
+                    _reset(request.transport)
+                elif request.transport is not None:
+                    request.transport.abort()
+                raise asyncio.CancelledError
         request[_RAW_BODY] = raw
         try:
-            return await handler(request)
+            response = await handler(request)
         except web.HTTPNotFound:
             return _json_response({"detail": "Not Found"}, 404)
         except web.HTTPMethodNotAllowed:
             return _json_response({"detail": "Method Not Allowed"}, 405)
+        if fault is not None and fault.kind in ("reset", "truncate"):
+            if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
+                raise RuntimeError(f"{fault.kind}_next cannot cut a streamed answer")
+            content = response.body
+            if fault.kind == "truncate":
+                kept = content[:len(content) // 2 if fault.cut is None else fault.cut]
+                return web.Response(status=response.status, body=kept, content_type=response.content_type)
+            await self._reset_mid_body(request, response, content[:fault.cut])
+        return response
+
+    @staticmethod
+    async def _reset_mid_body(request: web.Request, response: web.Response, part: bytes) -> None:
+        """Send the answer's head (with its full length) and ``part`` of its body, then reset."""
+        transport = request.transport
+        assert transport is not None
+        reason = response.reason or HTTPStatus(response.status).phrase
+        length = len(response.body) if isinstance(response.body, bytes) else 0
+        head = (f"HTTP/1.1 {response.status} {reason}\r\nContent-Type: {response.content_type}\r\n"
+                f"Content-Length: {length}\r\n\r\n")
+        transport.write(head.encode() + part)
+        while transport.get_write_buffer_size():  # all in the kernel before the reset
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)  # let the client read the head, so the reset comes in the middle of the body
+        _reset(transport)
+        raise asyncio.CancelledError
 
     # ----------------------------------------------------------------- helpers
 
@@ -1367,6 +1471,16 @@ async def _open_sse(request: web.Request, echo_id: bool, request_id: str) -> web
     return resp
 
 
-def _json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def _json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None,
+                   content_type: str | None = None) -> web.Response:
     return web.Response(status=status, body=json.dumps(data).encode(), headers=headers,
-                        content_type="application/json")
+                        content_type=content_type or "application/json")
+
+
+def _reset(transport: asyncio.BaseTransport) -> None:
+    """Close a connection with a TCP RST (SO_LINGER 0), as a crashed peer or a middlebox does."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()  # type: ignore[attr-defined]

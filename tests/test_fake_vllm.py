@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +43,27 @@ def sdk(server: FakeVLLM, **kw: Any) -> openai.AsyncOpenAI:
     kw.setdefault("api_key", "EMPTY")
     kw.setdefault("max_retries", 0)
     return openai.AsyncOpenAI(base_url=server.base_url + "/v1", **kw)
+
+
+def raw_post(server: FakeVLLM, path: str, body: Any) -> tuple[bytes, str]:
+    """One HTTP/1.1 POST on a bare socket: (every byte received, "eof" or "reset" for how it ended)."""
+    data = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n")
+    received = b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head.encode() + data)
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            return received, "reset"
+    return received, "eof"
+
+
+def content_length(head: bytes) -> int:
+    (line,) = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    return int(line.split(b":")[1])
 
 
 def token_count(server: FakeVLLM, prompt: str, add_special_tokens: bool = True) -> int:
@@ -295,3 +318,81 @@ async def test_streaming_and_dropped_connection(fake_vllm: FakeVLLM) -> None:
         with pytest.raises(openai.APIConnectionError):
             await client.completions.create(model=MODEL, prompt="hi")
         assert (await client.completions.create(model=MODEL, prompt="hi")).choices
+
+
+# -- injected faults, as seen on the wire -----------------------------------------------------------
+
+COMPLETION = {"model": MODEL, "prompt": "hi [[A]]", "max_tokens": 5}
+
+
+def test_connection_faults_on_the_wire(fake_vllm: FakeVLLM) -> None:
+    received, end = raw_post(fake_vllm, "/v1/completions", COMPLETION)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert end == "eof" and head.startswith(b"HTTP/1.1 200") and len(body) == content_length(head)
+
+    fake_vllm.reset_next()
+    assert raw_post(fake_vllm, "/v1/completions", COMPLETION) == (b"", "reset")
+
+    fake_vllm.drop_next()
+    assert raw_post(fake_vllm, "/v1/completions", COMPLETION) == (b"", "eof")
+
+    fake_vllm.reset_next(after_bytes=10)
+    received, end = raw_post(fake_vllm, "/v1/completions", COMPLETION)
+    head, _, part = received.partition(b"\r\n\r\n")
+    assert end == "reset" and head.startswith(b"HTTP/1.1 200") and part == body[:10]
+    assert content_length(head) > 10  # the head promised the whole answer
+
+    fake_vllm.truncate_next(keep=25)
+    received, end = raw_post(fake_vllm, "/v1/completions", COMPLETION)
+    head, _, part = received.partition(b"\r\n\r\n")
+    assert end == "eof" and head.startswith(b"HTTP/1.1 200") and content_length(head) == len(part) == 25
+    with pytest.raises(ValueError):
+        json.loads(part)
+
+    assert [r.fault for r in fake_vllm.requests_to("/v1/completions")] == [None, "reset", "drop", "reset", "truncate"]
+    assert fake_vllm.completion_requests == 3  # the mid-body reset and the truncated answer were generated
+
+
+def test_faults_apply_in_order_to_the_requests_they_match(fake_vllm: FakeVLLM) -> None:
+    fake_vllm.fail_next(500, match="[[B]]")
+    fake_vllm.fail_next(502, body="<html>Bad Gateway</html>", content_type="text/html", times=2)
+    a, b = {**COMPLETION, "prompt": "x [[A]]"}, {**COMPLETION, "prompt": "y [[B]]"}
+    status, body, headers = http(fake_vllm.base_url, "/v1/completions", a)
+    assert (status, body, headers["content-type"].split(";")[0]) == (502, "<html>Bad Gateway</html>", "text/html")
+    assert http(fake_vllm.base_url, "/v1/completions", b)[0] == 500  # the first fault it matches
+    assert http(fake_vllm.base_url, "/v1/completions", b)[0] == 502
+    assert http(fake_vllm.base_url, "/v1/completions", a)[0] == 200
+    assert [r.fault for r in fake_vllm.requests_to("/v1/completions")] == ["502", "500", "502", None]
+    with pytest.raises(ValueError, match="times"):
+        fake_vllm.drop_next(times=0)
+
+
+def test_delay_next_answers_late(fake_vllm: FakeVLLM) -> None:
+    fake_vllm.delay_next(0.3)
+    started = time.monotonic()
+    assert http(fake_vllm.base_url, "/v1/completions", COMPLETION)[0] == 200
+    assert time.monotonic() - started >= 0.3  # a lower bound: a busy machine only adds to it
+    assert [r.fault for r in fake_vllm.requests_to("/v1/completions")] == ["delay"]
+
+
+def test_kill_resets_requests_in_flight_and_start_serves_again_on_the_same_port(fake_vllm: FakeVLLM) -> None:
+    fake_vllm.latency = 5.0
+    outcome: list[tuple[bytes, str]] = []
+    worker = threading.Thread(target=lambda: outcome.append(raw_post(fake_vllm, "/v1/completions", COMPLETION)))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while fake_vllm.in_flight_requests == 0 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    port = fake_vllm.port
+    fake_vllm.kill()
+    worker.join(10)
+    assert outcome == [(b"", "reset")]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+
+    fake_vllm.latency = 0.0
+    fake_vllm.start()
+    assert fake_vllm.port == port and fake_vllm.base_url == f"http://127.0.0.1:{port}"
+    assert http(fake_vllm.base_url, "/v1/completions", COMPLETION)[0] == 200
+    assert len(fake_vllm.requests_to("/v1/completions")) == 2  # what was recorded before survives
+    assert fake_vllm.in_flight_requests == 0 and fake_vllm.completion_requests == 1
