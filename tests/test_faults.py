@@ -415,3 +415,25 @@ def test_a_server_that_dies_mid_job_and_stays_down_fails_every_input_as_unreacha
         assert fake_vllm.base_url in error.message
         # a refused connection is not a timeout
         assert "in time" not in error.message and "timed out" not in error.message.lower(), error.message
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_dead_server_fails_the_rest_of_a_big_job_at_once(fake_vllm, tokenizer_dir, mode):
+    """Found by the fault matrix: with the server gone, each wave of max_concurrency inputs used to wait out
+    the SDK's whole back-off (1,024 inputs: 93 s; 100,000: hours). Now the first request that cannot connect
+    after its retries fails the rest of the call at once; the next call tries again."""
+    client = ClientvLLM(base_url=fake_vllm.base_url, tokenizer=str(tokenizer_dir) if mode == "template" else None,
+                        max_retries=1, max_concurrency=8)
+    client.load()
+    try:
+        fake_vllm.kill()
+        outputs = client.generate([[{"role": "user", "content": f"[[k{i}]] x"}] for i in range(400)])
+        errors = [output["error"] for output in outputs]
+        assert all(error.type == "ServerUnreachableError" for error in errors)
+        not_sent = [error for error in errors if error.message.startswith("Not sent")]
+        assert len(not_sent) >= 400 - 2 * 8  # at most two waves of the capacity tried the network
+        assert "checkpoint" in not_sent[0].message
+        fake_vllm.start()
+        assert "error" not in client.generate([[{"role": "user", "content": "back"}]])[0]
+    finally:
+        client.close()

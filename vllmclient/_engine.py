@@ -22,7 +22,15 @@ import openai
 
 from ._request import Request
 from ._responses import chat_output, completion_outputs, read
-from .errors import APIError, BadRequestError, InvalidInputError, PromptTooLongError, VLLMClientError, from_openai
+from .errors import (
+    APIError,
+    BadRequestError,
+    InvalidInputError,
+    PromptTooLongError,
+    ServerUnreachableError,
+    VLLMClientError,
+    from_openai,
+)
 from .results import GenerateOutput, GenerationError, failed_output
 
 logger = logging.getLogger("vllmclient")
@@ -268,10 +276,17 @@ class Engine:
         window = Capacity(2 * self.capacity.limit)
         unit = min(request.n, self.capacity.limit)  # what one prompt holds; a huge n runs alone
         sending: set[asyncio.Task[None]] = set()
+        # Set when a request could not connect even after the SDK's retries, until one gets through: the
+        # rest of this call fails at once (a checkpoint resumes it) instead of in waves of max_concurrency.
+        unreachable: list[ServerUnreachableError] = []
 
         async def send(pack: list[tuple[int, Any]]) -> None:
             try:
-                results = await self._send_pack(pack, request)
+                if unreachable:  # the server is gone: do not spend the SDK's back-off on every pack in turn
+                    results = [(index, _failed(index, request, _not_sent(unreachable[0]))) for index, _ in pack]
+                else:
+                    results = await self._send_pack(pack, request)
+                    _note_reachability(results, unreachable)
             except Exception as exc:  # noqa: BLE001 - whatever went wrong fails this pack, never the whole job
                 results = [(index, _failed(index, request, exc)) for index, _ in pack]
             done.put_nowait((results, len(pack) * unit))  # from here the consumer releases the window
@@ -364,6 +379,26 @@ class Engine:
             self._send_pack(pack[:middle], request), self._send_pack(pack[middle:], request)
         )
         return left + right
+
+
+def _note_reachability(results: list[tuple[int, GenerateOutput]], unreachable: list[ServerUnreachableError]) -> None:
+    for _, output in results:
+        error = output.get("error")
+        if error is None:
+            unreachable.clear()
+            return
+        if isinstance(error.exception, ServerUnreachableError) and not unreachable:
+            unreachable.append(error.exception)
+
+
+def _not_sent(cause: ServerUnreachableError) -> ServerUnreachableError:
+    error = ServerUnreachableError(
+        f"Not sent: an earlier request of this call could not reach the server, even after the SDK's retries "
+        f"({cause.message}). Start the server and run the call again; with checkpoint=... only the inputs that "
+        "are missing are sent."
+    )
+    error.__cause__ = cause
+    return error
 
 
 def _about_a_prompt(exc: APIError) -> bool:
