@@ -35,6 +35,8 @@ BAD_FIELDS = [
     ("timeout", "x", ["timeout='x'", "valid number", "timeout=120"]),
     ("timeout", 0, ["timeout=0", "greater than 0", "timeout=120"]),
     ("timeout", -5, ["timeout=-5", "greater than 0", "timeout=120"]),
+    ("timeout", float("inf"), ["timeout=inf", "finite number", "timeout=120"]),
+    ("timeout", float("nan"), ["timeout=nan", "timeout=120"]),
     ("max_concurrency", 0, ["max_concurrency=0", "greater than or equal to 1", "max_concurrency=256"]),
     ("pack_size", 0, ["pack_size=0", "greater than or equal to 1", "pack_size=None"]),
     ("pack_size", 5000, ["pack_size=5000", "less than or equal to 1024", "pack_size=None"]),
@@ -78,6 +80,9 @@ def test_every_invalid_field_is_named_at_once():
 def test_an_unknown_field_is_named_with_the_likely_one():
     message = str(_raised(ClientvLLM, base_urll="http://localhost:8000"))
     assert "base_urll" in message and "unknown" in message and "did you mean 'base_url'" in message
+    message = str(_raised(setattr, ClientvLLM(), "api_kye", SECRET))
+    assert "api_kye" in message and "unknown" in message and "did you mean 'api_key'" in message
+    assert SECRET not in message
 
 
 def test_model_validate_and_json_raise_configuration_errors():

@@ -38,7 +38,7 @@ _EXPECTED = {
     "base_url": f"Pass the vLLM server's address, e.g. base_url={_EXAMPLE}.",
     "api_key": "Pass the key the server was started with as a string, or set VLLM_API_KEY.",
     "max_retries": "Pass how often the SDK retries a failed request: an integer >= 0 (default max_retries=6).",
-    "timeout": "Pass the seconds each request may take: a number > 0 (default timeout=120).",
+    "timeout": "Pass the seconds each request may take: a number > 0 (default timeout=120; long jobs: e.g. 3600).",
     "httpx_client_kwargs": "Pass a dict of httpx AsyncClient arguments, e.g. httpx_client_kwargs={'verify': False}.",
     "default_headers": "Pass a dict of header names to string values, e.g. default_headers={'X-Team': 'a'}.",
     "tokenizer": "Pass a Hugging Face model id or a local folder, or None for the server's chat template.",
@@ -247,7 +247,7 @@ def _describe(error: ErrorDetails, fields: Mapping[str, Any]) -> str:
     if not loc:  # a check across fields: our own message says it all
         return rule
     name = str(loc[0])
-    if error["type"] == "extra_forbidden":  # the value is not shown: a misspelt api_key is a key
+    if error["type"] in ("extra_forbidden", "no_such_attribute"):  # no value shown: a misspelt api_key is a key
         close = difflib.get_close_matches(name, list(fields), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         return f"{name}: unknown setting; {hint}known settings: {', '.join(fields)}."

@@ -104,7 +104,7 @@ class ClientvLLM(BaseModel):
     base_url: str = "http://localhost:8000"
     api_key: SecretStr = Field(default_factory=_default_api_key)
     max_retries: int = Field(default=6, ge=0)
-    timeout: float = Field(default=120, gt=0)
+    timeout: float = Field(default=120, gt=0, allow_inf_nan=False)  # inf: OverflowError at load
     httpx_client_kwargs: dict[str, Any] | None = None
     default_headers: dict[str, str] | None = None
     tokenizer: str | None = None
