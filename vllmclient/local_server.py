@@ -533,7 +533,7 @@ def _read_api_key(parser: argparse.ArgumentParser, path: str | None) -> str | No
     try:
         key = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        parser.error(f"cannot read --api-key-file {path}: {exc.__class__.__name__}: {exc.strerror or exc}")
+        parser.error(f"cannot read --api-key-file {path} ({exc.__class__.__name__}: {exc})")
     if not key:
         parser.error(f"--api-key-file {path} is empty: write the key in it")
     if any(char in key for char in "\r\n"):
