@@ -40,6 +40,7 @@ BAD_FIELDS = [
     ("max_concurrency", 0, ["max_concurrency=0", "greater than or equal to 1", "max_concurrency=256"]),
     ("pack_size", 0, ["pack_size=0", "greater than or equal to 1", "pack_size=None"]),
     ("pack_size", 5000, ["pack_size=5000", "less than or equal to 1024", "pack_size=None"]),
+    ("tokenizer_check", "strict", ["tokenizer_check='strict'", "'warn', 'error' or 'off'"]),
     ("trust_remote_code", "maybe", ["trust_remote_code='maybe'", "valid boolean", "True or False"]),
     ("default_headers", {"X-Trace": 5}, ["default_headers['X-Trace']=5", "valid string", "default_headers="]),
     ("default_headers", {"X-Team": "a\r\nX-Evil: 1"}, ["default_headers['X-Team']", "line break", "remove it"]),
@@ -49,6 +50,8 @@ BAD_FIELDS = [
      ["httpx_client_kwargs['headers']['X-Team']", "line break"]),
     ("httpx_client_kwargs", {"verfy": False}, ["httpx_client_kwargs", "'verfy'", "did you mean 'verify'"]),
     ("generation_kwargs", ["temperature"], ["generation_kwargs=['temperature']", "valid dictionary"]),
+    ("generation_kwargs", {"temprature": 0.5}, ["generation_kwargs", "'temprature'", "did you mean 'temperature'"]),
+    ("generation_kwargs", {"temperature": "hot"}, ["generation_kwargs", "temperature='hot'"]),
 ]
 
 

@@ -46,6 +46,7 @@ _EXPECTED = {
     "trust_remote_code": "Pass True or False.",
     "use_magpie_template": "Pass True or False.",
     "magpie_pre_query_template": "Pass 'llama3', 'qwen2' or the literal text that opens a user turn.",
+    "tokenizer_check": "Pass 'warn' (the default), 'error' or 'off'.",
     "max_concurrency": "Pass the most sequences in flight: an integer >= 1 (default max_concurrency=256).",
     "pack_size": "Pass pack_size=None (adaptive, the default) or the prompts per request, 1 to 1024.",
     "generation_kwargs": "Pass a dict of agenerate's parameters, e.g. generation_kwargs={'max_new_tokens': 256}.",

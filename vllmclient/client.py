@@ -173,6 +173,16 @@ class ClientvLLM(BaseModel):
         check_headers(value, "default_headers")
         return value
 
+    @field_validator("generation_kwargs")
+    @classmethod
+    def _check_generation_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """A typo or a bad value fails here, not at the first generate call."""
+        try:
+            parse_params({name: item for name, item in value.items() if name != "num_generations"})
+        except InvalidInputError as exc:
+            raise ValueError(f"generation_kwargs: {exc}") from None
+        return value
+
     @field_serializer("default_headers", "httpx_client_kwargs")
     def _hide_secrets(self, value: dict[str, Any] | None) -> Any:
         """A header or auth value is shown as '**********' (kept intact by model_dump(), as for api_key)."""
