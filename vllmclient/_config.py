@@ -68,8 +68,8 @@ def conceal(value: Any, name: object = None) -> Any:
         return SecretStr(value) if isinstance(value, str) else Secret(value)
     if isinstance(value, Mapping):
         return {key: conceal(item, key) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(conceal(item) for item in value) if type(value) in (list, tuple) else value
+    if type(value) in (list, tuple):
+        return type(value)(conceal(item) for item in value)
     if isinstance(value, str) and _USERINFO.search(value):
         return SecretStr(value)
     return value
@@ -93,7 +93,7 @@ def mask_urls(text: str) -> str:
 
 def _shown(value: Any, name: object = None) -> str:
     text = mask_urls(repr(conceal(value, name)))
-    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 5] + "...)"
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
 
 # -- base_url --------------------------------------------------------------------------------------
