@@ -15,12 +15,21 @@ import logging
 import os
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import Any, Literal, Self
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import openai
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
+from ._config import check_base_url, check_headers, check_httpx_kwargs, conceal, mask_urls, reveal, setting_errors
 from ._engine import Engine, http_client
 from ._request import Request, build_request
 from ._server import PROBE, ServerInfo, choose_model, parse_models, parse_version, tokenizer_mismatch
@@ -87,13 +96,15 @@ class ClientvLLM(BaseModel):
     notebooks and inside running event loops.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, arbitrary_types_allowed=True, hide_input_in_errors=True
+    )
 
     model: str | None = None
     base_url: str = "http://localhost:8000"
     api_key: SecretStr = Field(default_factory=_default_api_key)
     max_retries: int = Field(default=6, ge=0)
-    timeout: float = Field(default=120, gt=0)
+    timeout: float = Field(default=120, gt=0, allow_inf_nan=False)  # inf: OverflowError at load
     httpx_client_kwargs: dict[str, Any] | None = None
     default_headers: dict[str, str] | None = None
     tokenizer: str | None = None
@@ -118,15 +129,64 @@ class ClientvLLM(BaseModel):
 
     # -- validation -------------------------------------------------------------------------------
 
+    # Every way of setting a field (construction, model_validate*, assignment, set_runtime_parameters)
+    # raises ConfigurationError, never pydantic's ValidationError; type checkers keep pydantic's signature.
+    if not TYPE_CHECKING:
+
+        def __init__(self, /, **data: Any) -> None:
+            with setting_errors(type(self).model_fields):
+                super().__init__(**data)
+
+        @classmethod
+        def model_validate(cls, *args: Any, **kwargs: Any) -> Self:
+            with setting_errors(cls.model_fields):
+                return super().model_validate(*args, **kwargs)
+
+        @classmethod
+        def model_validate_json(cls, *args: Any, **kwargs: Any) -> Self:
+            with setting_errors(cls.model_fields):
+                return super().model_validate_json(*args, **kwargs)
+
+        @classmethod
+        def model_validate_strings(cls, *args: Any, **kwargs: Any) -> Self:
+            with setting_errors(cls.model_fields):
+                return super().model_validate_strings(*args, **kwargs)
+
     @field_validator("base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(
-                f"base_url must be an http(s) URL such as 'http://localhost:8000/v1', got {value!r}"
-            )
+        return check_base_url(value)
+
+    @field_validator("default_headers", "httpx_client_kwargs", mode="before")
+    @classmethod
+    def _reveal_secrets(cls, value: Any) -> Any:
+        return reveal(value)  # as model_dump() hid them, so that its output round-trips
+
+    @field_validator("httpx_client_kwargs")
+    @classmethod
+    def _check_httpx_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return check_httpx_kwargs(value)
+
+    @field_validator("default_headers")
+    @classmethod
+    def _check_headers(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        check_headers(value, "default_headers")
         return value
+
+    @field_validator("generation_kwargs")
+    @classmethod
+    def _check_generation_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """A typo or a bad value fails here, not at the first generate call."""
+        try:
+            parse_params({name: item for name, item in value.items() if name != "num_generations"})
+        except InvalidInputError as exc:
+            raise ValueError(f"generation_kwargs: {exc}") from None
+        return value
+
+    @field_serializer("default_headers", "httpx_client_kwargs")
+    def _hide_secrets(self, value: dict[str, Any] | None) -> Any:
+        """A header or auth value is shown as '**********' (kept intact by model_dump(), as for api_key)."""
+        return conceal(value)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -174,7 +234,8 @@ class ClientvLLM(BaseModel):
         weakref.finalize(self, self._loop.stop)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
+        with setting_errors(type(self).model_fields):
+            super().__setattr__(name, value)
         if name in _FORMATTER_FIELDS:
             self._formatter = self._tokenizer = None
         if name in _CONNECTION_FIELDS or name in _FORMATTER_FIELDS:
@@ -208,15 +269,21 @@ class ClientvLLM(BaseModel):
         return info
 
     def set_runtime_parameters(self, runtime_parameters: Mapping[str, Any]) -> None:
-        """Set runtime parameters by name; as in distilabel, an unknown name is skipped with a warning."""
-        for name, value in runtime_parameters.items():
-            if name in _RUNTIME_PARAMETERS or name == "generation_kwargs":
-                setattr(self, name, value)
-            else:
+        """Set runtime parameters by name; as in distilabel, an unknown name is skipped with a warning.
+
+        All are checked first: one ConfigurationError names every invalid one, and nothing is changed.
+        """
+        known = {name: value for name, value in runtime_parameters.items()
+                 if name in _RUNTIME_PARAMETERS or name == "generation_kwargs"}
+        for name in runtime_parameters:
+            if name not in known:
                 logger.warning(
                     "vllmclient: %r is not a runtime parameter of ClientvLLM (known: %s); ignored",
                     name, ", ".join([*_RUNTIME_PARAMETERS, "generation_kwargs"]),
                 )
+        self.model_validate({**dict(self), **known})
+        for name, value in known.items():
+            setattr(self, name, value)
 
     # -- life cycle --------------------------------------------------------------------------------
 
@@ -266,13 +333,20 @@ class ClientvLLM(BaseModel):
             )
             self._tokenizer = self._formatter.tokenizer
         api_base = _api_base(self.base_url)
+        try:
+            transport = http_client(self.httpx_client_kwargs)
+        except (TypeError, ValueError, OSError) as exc:  # e.g. verify= a CA file that does not exist
+            raise ConfigurationError(
+                f"httpx_client_kwargs={mask_urls(repr(conceal(self.httpx_client_kwargs)))} cannot build the "
+                f"HTTP client ({exc.__class__.__name__}: {mask_urls(str(exc))}). Fix or remove that argument."
+            ) from None
         aclient = openai.AsyncOpenAI(
             base_url=api_base,
             api_key=self.api_key.get_secret_value(),
             max_retries=self.max_retries,
             timeout=self.timeout,
             default_headers=self.default_headers,
-            http_client=http_client(self.httpx_client_kwargs),
+            http_client=transport,
         )
         engine = Engine(
             aclient,
@@ -573,9 +647,9 @@ class ClientvLLM(BaseModel):
         clone.__setstate__(state)
         return clone
 
-    def __repr_args__(self) -> Any:  # keep the key out of reprs and logs even if unmasked somewhere
+    def __repr_args__(self) -> Any:  # keep keys, auth headers and URL passwords out of reprs and logs
         for name, value in super().__repr_args__():
-            yield name, ("**********" if name == "api_key" else value)
+            yield name, ("**********" if name == "api_key" else conceal(value))
 
 
 async def _version(engine: Engine, api_base: str) -> str | None:

@@ -3,7 +3,7 @@
 ::
 
     VLLMClientError                  anything raised by vllmclient
-    ├── ConfigurationError           a field or the environment cannot work (tokenizer, model choice)
+    ├── ConfigurationError           a setting or the environment cannot work (also ValueError)
     ├── InvalidInputError            a conversation or a sampling parameter is malformed (also ValueError)
     ├── APIError                     the server answered with an error, or could not be reached
     │   ├── ServerUnreachableError   no connection or no answer in time, after the SDK's retries
@@ -56,8 +56,11 @@ class VLLMClientError(Exception):
     """Base class of every exception vllmclient raises."""
 
 
-class ConfigurationError(VLLMClientError):
-    """A setting cannot work: a tokenizer without a chat template, an ambiguous model, ..."""
+class ConfigurationError(VLLMClientError, ValueError):
+    """A setting cannot work: an invalid field, a tokenizer without a chat template, an ambiguous model, ...
+
+    Also a ValueError, as pydantic's ValidationError (which it replaces for invalid fields) is.
+    """
 
 
 class InvalidInputError(VLLMClientError, ValueError):

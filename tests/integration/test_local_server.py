@@ -202,12 +202,11 @@ def test_cli_serves_until_sigterm(vllm_server_python: str) -> None:
     """``python -m vllmclient.local_server`` prints the URL and stops cleanly."""
     import signal
 
-    env = {**os.environ, "VLLMCLIENT_SERVER_PYTHON": vllm_server_python}
+    env = {**os.environ, "VLLMCLIENT_SERVER_PYTHON": vllm_server_python, "VLLM_API_KEY": "sekrit"}
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllmclient.local_server",
-         "--served-model-name", "cli-model", "--api-key", "sekrit"],
+        [sys.executable, "-m", "vllmclient.local_server", "--served-model-name", "cli-model"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True,
     )
@@ -224,6 +223,47 @@ def test_cli_serves_until_sigterm(vllm_server_python: str) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert not _server_pids(port)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.parametrize("source", ["--api-key-file", "VLLM_API_KEY"])
+def test_cli_api_key_reaches_the_server_but_no_command_line(tmp_path: Path, standin_server_python: Path,
+                                                            source: str) -> None:
+    """The key is in the server's environment (where vLLM reads $VLLM_API_KEY), which only its owner can
+    read, and in no process's command line, which every user can (``ps``), nor in what the CLI prints."""
+    key = "sk-standin-S3CRET"
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    argv = [sys.executable, "-m", "vllmclient.local_server", "--python", str(standin_server_python),
+            "--model", str(tmp_path), "--startup-timeout", "60"]
+    if source == "--api-key-file":
+        key_file = tmp_path / "vllm.key"
+        key_file.write_text(key + "\n")
+        argv += ["--api-key-file", str(key_file)]
+    else:
+        env["VLLM_API_KEY"] = key
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.endswith("/v1"), (url, proc.poll())
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        servers = _server_pids(port)
+        assert servers
+        for pid in [proc.pid, *servers]:
+            assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        for pid in servers:
+            assert f"VLLM_API_KEY={key}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert key not in url + out + err
+        assert f"API key from {'--api-key-file' if source == '--api-key-file' else '$VLLM_API_KEY'}" in err
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,72 @@
+"""The launcher's API key never goes on a command line, where every user sees it (``ps``) for the
+server's whole life: the CLI takes it from $VLLM_API_KEY or --api-key-file, LocalServer from api_key=.
+
+These paths fail before any server starts; starting one with a key is tested against a stand-in server
+in tests/integration/test_local_server.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from vllmclient import ConfigurationError, LocalServer, VLLMClientError
+from vllmclient.local_server import main
+
+KEY = "sk-cli-S3CRET"
+NO_VLLM = ["--python", "/nonexistent/python"]  # were the check to let a call through, it would fail fast
+
+
+def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main([*NO_VLLM, *argv])
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert KEY not in out + err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--api-key", KEY], [f"--api-key={KEY}"], ["--port", "8000", "--api-key", KEY, "--", "--seed", "1"],
+     ["--", "--api-key", KEY], ["--", f"--api-key={KEY}"]],
+    ids=["option", "option=", "among-others", "after-dashes", "after-dashes="],
+)
+def test_a_key_on_the_command_line_is_refused_with_the_alternatives(argv, capsys):
+    err = _cli_error(argv, capsys)
+    assert "--api-key" in err and "ps" in err
+    assert "VLLM_API_KEY" in err and "--api-key-file" in err
+
+
+def test_the_console_script_refuses_it_too():
+    result = subprocess.run(
+        [sys.executable, "-m", "vllmclient.local_server", *NO_VLLM, "--api-key", KEY],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 2
+    assert "VLLM_API_KEY" in result.stderr and "--api-key-file" in result.stderr
+    assert KEY not in result.stdout + result.stderr
+
+
+def test_an_api_key_file_that_cannot_be_used_is_a_clear_error(tmp_path, capsys):
+    missing = tmp_path / "missing.key"
+    err = _cli_error(["--api-key-file", str(missing)], capsys)
+    assert str(missing) in err and "cannot read" in err
+
+    empty = tmp_path / "empty.key"
+    empty.write_text("\n")
+    assert "is empty" in _cli_error(["--api-key-file", str(empty)], capsys)
+
+    two = tmp_path / "two.key"
+    two.write_text(f"{KEY}\n{KEY}-2\n")
+    assert "one key" in _cli_error(["--api-key-file", str(two)], capsys)
+
+
+@pytest.mark.parametrize("extra", [["--api-key", KEY], [f"--api-key={KEY}"]], ids=["option", "option="])
+def test_local_server_refuses_a_key_in_extra_args(tmp_path, extra):
+    with pytest.raises(ConfigurationError) as info:
+        LocalServer(tmp_path, python=sys.executable, extra_args=["--seed", "1", *extra])
+    assert isinstance(info.value, VLLMClientError)
+    assert "api_key=" in str(info.value) and KEY not in str(info.value)
