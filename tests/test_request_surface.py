@@ -345,3 +345,10 @@ def test_a_server_without_tokenize_is_not_checked(fake_vllm, other_template_dir,
     fake_vllm.fail_next(404, path="/tokenize")
     with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=other_template_dir, tokenizer_check="error") as client:
         assert client.generate_outputs([user("x")])[0][0]
+
+
+def test_generation_params_used_directly_raise_our_error():
+    from vllmclient import GenerationParams
+
+    with pytest.raises(InvalidInputError, match="temperature='x' is invalid"):
+        GenerationParams(temperature="x")

@@ -30,6 +30,13 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 
+    def __init__(self, **values: Any) -> None:
+        """Raises ``InvalidInputError`` (never pydantic's ``ValidationError``) naming each bad value."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise InvalidInputError(_describe(exc, values)) from None
+
     # -- distilabel's (and the OpenAI API's) ---------------------------------------------------------
     max_new_tokens: int = Field(128, ge=1, description="Most tokens to generate per generation (vLLM: max_tokens).")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="A number in [-2, 2].")
@@ -123,10 +130,7 @@ def parse_params(values: Mapping[str, Any]) -> GenerationParams:
             f"unknown generation parameter(s) {', '.join(hints)}. Known: {', '.join(NAMES)}. "
             "Pass other vLLM request fields in extra_body={...}."
         )
-    try:
-        return GenerationParams(**values)
-    except ValidationError as exc:
-        raise InvalidInputError(_describe(exc, values)) from None
+    return GenerationParams(**values)
 
 
 def _describe(exc: ValidationError, values: Mapping[str, Any]) -> str:
