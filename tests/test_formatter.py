@@ -76,9 +76,9 @@ def test_no_double_bos(fake_vllm, tokenizer_dir):
     [
         ("hello", "input 3: expected a conversation"),
         ([], "input 3: the conversation is empty"),
-        ([{"role": "user"}], "input 3, message 0: 'content' must be a str (or a list of content parts), got NoneType"),
+        ([{"role": "user"}], "input 3, message 0: the message has no 'content'"),
         ([{"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}], "input 3, message 1: unknown role 'wizard'"),
-        ([{"role": "user", "content": 42}], "input 3, message 0: 'content' must be a str (or a list of content parts), got int"),
+        ([{"role": "user", "content": 42}], "input 3, message 0: 'content' must be a str or a list of content parts, got int"),
         (["user: hi"], "input 3, message 0: expected a dict"),
         (None, "input 3: expected a conversation"),
     ],

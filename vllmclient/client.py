@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import inspect
-import json
 import logging
 import os
 import weakref
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import openai
@@ -30,7 +29,7 @@ from pydantic import (
 )
 
 from ._config import check_base_url, check_headers, check_httpx_kwargs, conceal, mask_urls, reveal, setting_errors
-from ._engine import Engine, http_client
+from ._engine import Engine, _as_input_error, http_client
 from ._request import Request, build_request
 from ._server import PROBE, ServerInfo, choose_model, parse_models, parse_version, tokenizer_mismatch
 from ._sync import LoopThread
@@ -39,9 +38,9 @@ from .errors import APIError, ConfigurationError, GenerationFailedError, Invalid
 from .formatter import (
     ChatFormatter,
     Conversation,
+    check_encodable,
     join_text_parts,
     resolve_magpie_template,
-    unencodable,
     validate_conversation,
 )
 from .params import GenerationParams, parse_params
@@ -445,7 +444,14 @@ class ClientvLLM(BaseModel):
         await self._setup()
         assert self._engine is not None
         request = self._request(params)
-        return await self._engine.one(self._prepare(request)(0, conversation), request)
+        try:
+            payload = self._prepare(request)(0, conversation)
+        except Exception as exc:
+            error = _as_input_error(0, exc)  # ours, as in a bulk call
+            if error is exc:
+                raise
+            raise error from exc
+        return await self._engine.one(payload, request)
 
     def generate(
         self,
@@ -521,6 +527,8 @@ class ClientvLLM(BaseModel):
         checkpoint: str | os.PathLike[str] | None,
         kwargs: dict[str, Any],
     ) -> list[GenerateOutput]:
+        if strict not in (True, False):
+            raise InvalidInputError(f"strict={strict!r} is invalid: expected True or False.")
         results: dict[int, GenerateOutput] = {}
         async for batch in self._stream(inputs, num_generations, progress, checkpoint, kwargs, keep_saved=True):
             for index, output in batch:
@@ -547,20 +555,27 @@ class ClientvLLM(BaseModel):
         With a checkpoint, results saved earlier come back too when ``keep_saved`` (for ``generate``).
         """
         if isinstance(inputs, (str, bytes, Mapping)) or not isinstance(inputs, Iterable):
+            got = "None" if inputs is None else type(inputs).__name__
             raise InvalidInputError(
-                f"inputs must be a list (or any iterable) of conversations, got {type(inputs).__name__}."
+                f"inputs must be a list (or any iterable) of conversations, got {got}. For one conversation, "
+                "pass [conversation]; each conversation is a list of {'role': ..., 'content': ...} dicts."
+            )
+        if progress not in (True, False, None):
+            raise InvalidInputError(
+                f"progress={progress!r} is invalid: expected True, False or None (a bar for 100 inputs or more)."
             )
         await self._setup()
         assert self._engine is not None
         request = self._request({**self.generation_kwargs, **kwargs, "num_generations": num_generations})
         saved: Checkpoint | None = None
-        indexed: Iterable[tuple[int, Any]] = enumerate(inputs)
+        read = inputs if isinstance(inputs, (list, tuple)) else _read(inputs)
+        indexed: Iterable[tuple[int, Any]] = enumerate(read)
         if checkpoint is not None:
             magpie = self.magpie_pre_query_template if self.use_magpie_template else None
             saved = Checkpoint(checkpoint, request=request.body, tokenizer=self.tokenizer,
                                tokenizer_revision=self.tokenizer_revision, magpie_pre_query_template=magpie,
                                chat_template_kwargs=request.chat_template_kwargs, keep_outputs=keep_saved).open()
-            indexed = saved.pending(inputs)
+            indexed = saved.pending(read)
         bar = _progress_bar(inputs, progress)
         errors = 0
         batches = self._engine.stream(indexed, request, self._prepare(request))
@@ -600,10 +615,7 @@ class ClientvLLM(BaseModel):
 
             def as_messages(index: int, conversation: Any) -> Any:
                 validate_conversation(conversation, index)
-                try:  # what JSON cannot carry would fail at the SDK, after the request took server slots
-                    json.dumps(conversation, ensure_ascii=False, allow_nan=False).encode()
-                except (ValueError, TypeError):
-                    raise unencodable(conversation, index) from None
+                check_encodable(conversation, index)  # else it would fail at the SDK, for its whole pack
                 return conversation
 
             return as_messages
@@ -612,6 +624,7 @@ class ClientvLLM(BaseModel):
 
         def as_prompt(index: int, conversation: Any) -> str:
             validate_conversation(conversation, index, allow_empty=allow_empty)
+            check_encodable(conversation, index)
             conversation = join_text_parts(conversation, index)
             try:
                 prompt = formatter.render(conversation, template_kwargs)
@@ -650,6 +663,20 @@ class ClientvLLM(BaseModel):
     def __repr_args__(self) -> Any:  # keep keys, auth headers and URL passwords out of reprs and logs
         for name, value in super().__repr_args__():
             yield name, ("**********" if name == "api_key" else conceal(value))
+
+
+def _read(inputs: Iterable[Any]) -> Iterator[Any]:
+    """The inputs one by one; an error of the iterable itself (a generator reading a file) ends the call as ours."""
+    index = 0
+    try:
+        for item in inputs:
+            yield item
+            index += 1
+    except Exception as exc:
+        raise InvalidInputError(
+            f"inputs raised {exc.__class__.__name__} ({exc}) when reading input {index}, so the call stopped there. "
+            "Fix the iterable; with checkpoint=... a rerun sends only what did not finish."
+        ) from exc
 
 
 async def _version(engine: Engine, api_base: str) -> str | None:

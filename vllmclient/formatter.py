@@ -6,11 +6,12 @@ makes Magpie possible: the prompt can end anywhere, e.g. on an open user turn.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,12 @@ MAGPIE_PRE_QUERY_TEMPLATES = {
 
 
 def validate_conversation(conversation: Any, index: int = 0, *, allow_empty: bool = False) -> None:
-    """Raise InvalidInputError naming the input and message at fault, before anything is sent."""
+    """Raise InvalidInputError naming the input and message at fault, what is wrong and the fix."""
     where = f"input {index}"
     if isinstance(conversation, (str, bytes)) or not isinstance(conversation, Sequence):
         raise InvalidInputError(
             f"{where}: expected a conversation (a list of {{'role': ..., 'content': ...}} dicts), "
-            f"got {type(conversation).__name__}. Wrap a single prompt as [{{'role': 'user', 'content': text}}]."
+            f"got {_type_name(conversation)}.{_conversation_fix(conversation)}"
         )
     if not conversation and not allow_empty:
         raise InvalidInputError(
@@ -53,17 +54,25 @@ def validate_conversation(conversation: Any, index: int = 0, *, allow_empty: boo
     for position, message in enumerate(conversation):
         at = f"{where}, message {position}"
         if not isinstance(message, Mapping):
-            raise InvalidInputError(f"{at}: expected a dict with 'role' and 'content', got {type(message).__name__}.")
-        role = message.get("role")
-        if role not in KNOWN_ROLES:
             raise InvalidInputError(
-                f"{at}: unknown role {role!r}; use one of {', '.join(sorted(KNOWN_ROLES))}."
+                f"{at}: expected a dict with 'role' and 'content', got {_type_name(message)}.{_message_fix(message)}"
+            )
+        if "role" not in message:
+            raise InvalidInputError(f"{at}: the message has no 'role'; add one of {_ROLES} (e.g. 'user').")
+        role = message["role"]
+        if not isinstance(role, str) or role not in KNOWN_ROLES:
+            close = difflib.get_close_matches(role.lower(), KNOWN_ROLES, n=1) if isinstance(role, str) else []
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InvalidInputError(f"{at}: unknown role {_short(role)}{hint}; use one of {_ROLES}.")
+        if "content" not in message and role != "assistant":
+            raise InvalidInputError(
+                f"{at}: the message has no 'content'; add it, e.g. {{'role': {role!r}, 'content': text}}."
             )
         content = message.get("content")
         if not (isinstance(content, (str, list)) or (content is None and role == "assistant")):
             raise InvalidInputError(
-                f"{at}: 'content' must be a str (or a list of content parts), got {type(content).__name__}. "
-                "Convert it to text before sending."
+                f"{at}: 'content' must be a str or a list of content parts, got {_type_name(content)}."
+                f"{_content_fix(content)}"
             )
         if isinstance(content, list):
             for number, part in enumerate(content):
@@ -71,8 +80,75 @@ def validate_conversation(conversation: Any, index: int = 0, *, allow_empty: boo
                 if not isinstance(kind, str) or (kind == "text" and not isinstance(part.get("text"), str)):
                     raise InvalidInputError(
                         f"{at}, content part {number}: expected an OpenAI content part such as "
-                        f"{{'type': 'text', 'text': '...'}}, got {str(part)[:80]!r}."
+                        f"{{'type': 'text', 'text': '...'}}, got {_short(part)}."
                     )
+
+
+_ROLES = ", ".join(sorted(KNOWN_ROLES))
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "None"
+    kind = type(value)
+    package = kind.__module__.partition(".")[0]
+    return kind.__qualname__ if package == "builtins" else f"{package}.{kind.__qualname__}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _conversation_fix(value: Any) -> str:
+    if isinstance(value, (str, bytes)):
+        return " Wrap a single prompt as [{'role': 'user', 'content': text}]."
+    if isinstance(value, Mapping):
+        return " This looks like a single message: put it in a list, [message]."
+    if hasattr(value, "tolist"):
+        return " Convert it to a list of dicts with .tolist()."
+    if isinstance(value, Iterable):
+        return " Pass the messages as a list, e.g. list(messages)."
+    return ""
+
+
+def _message_fix(value: Any) -> str:
+    if isinstance(value, str):
+        return f" Write it as {{'role': 'user', 'content': {_short(value)}}}."
+    if isinstance(value, Sequence):
+        return " The conversation holds a nested list: flatten it into one list of message dicts."
+    if hasattr(value, "tolist"):
+        return " Convert it with .tolist()."
+    return ""
+
+
+def _content_fix(value: Any) -> str:
+    if value is None:
+        return " Use '' for an empty message."
+    if isinstance(value, (bytes, bytearray)):
+        return " Decode it first, e.g. content.decode('utf-8')."
+    if isinstance(value, Mapping):
+        return " A single content part goes in a list: [part]."
+    if hasattr(value, "tolist"):
+        return " Convert it with .tolist()."
+    return " Convert it with str(...) if it is meant as text."
+
+
+def json_fault(value: Any) -> str | None:
+    """Why ``value`` cannot be sent as UTF-8 JSON (as the openai SDK sends it), or ``None`` if it can."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start : exc.end]
+        return (
+            f"it holds {bad!r}, a lone surrogate that cannot be sent as UTF-8 (typical of bytes decoded with "
+            "errors='surrogateescape'). Decode the source with errors='replace', or clean the text"
+        )
+    except ValueError:
+        return "it holds a NaN or an infinite number, which JSON cannot carry. Use finite numbers (or None)"
+    except TypeError as exc:
+        return f"{exc}. Use str, finite numbers, lists and dicts"
+    return None
 
 
 def join_text_parts(conversation: Conversation, index: int) -> Conversation:
@@ -100,23 +176,24 @@ def join_text_parts(conversation: Conversation, index: int) -> Conversation:
     return joined
 
 
+def check_encodable(conversation: Conversation, index: int) -> None:
+    """Refuse a conversation that cannot be sent as UTF-8 JSON, naming the message and the fault.
+
+    Checked on both paths, so a conversation is refused or accepted whichever renders it (a template
+    would write a NaN in tool-call arguments into the prompt as invalid JSON).
+    """
+    try:
+        json.dumps(conversation, ensure_ascii=False, allow_nan=False).encode()
+    except (ValueError, TypeError):
+        raise unencodable(conversation, index) from None
+
+
 def unencodable(conversation: Any, index: int) -> InvalidInputError:
     """The error for a conversation that cannot be sent as UTF-8 JSON, naming the message and the fault."""
     for position, message in enumerate(conversation):
-        try:
-            json.dumps(message, ensure_ascii=False, allow_nan=False).encode()
-        except UnicodeEncodeError as exc:
-            bad = exc.object[exc.start : exc.end]
-            return InvalidInputError(
-                f"input {index}, message {position}: the text holds {bad!r}, a lone surrogate that cannot be sent "
-                "as UTF-8 (typical of bytes decoded with errors='surrogateescape'). Decode the source with "
-                "errors='replace', or clean the text."
-            )
-        except (ValueError, TypeError) as exc:
-            return InvalidInputError(
-                f"input {index}, message {position} cannot be sent as JSON ({exc}). Use str content, finite numbers, "
-                "lists and dicts."
-            )
+        fault = json_fault(message)
+        if fault is not None:
+            return InvalidInputError(f"input {index}, message {position} cannot be sent: {fault}.")
     return InvalidInputError(f"input {index} cannot be sent as UTF-8 JSON.")
 
 
