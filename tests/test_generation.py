@@ -114,7 +114,7 @@ def test_httpx_client_kwargs_apply_to_the_http_client(fake_vllm, tokenizer_dir):
 def test_bad_sampling_parameter_fails_before_sending(llm, fake_vllm):
     llm.load()
     fake_vllm.clear()
-    with pytest.raises(InvalidInputError, match=r"temperature=-1 is invalid .*>= 0"):
+    with pytest.raises(InvalidInputError, match=r"temperature=-1 is invalid .*\[0, 2\]"):
         llm.generate_outputs([user("x")], temperature=-1)
     with pytest.raises(InvalidInputError, match="unknown generation parameter.*'max_tokens'.*extra_body"):
         llm.generate_outputs([user("x")], max_tokens=3)

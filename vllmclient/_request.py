@@ -7,7 +7,6 @@ path), a value JSON cannot carry (NaN, infinity, a lone surrogate), a model that
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,7 +14,8 @@ from typing import Any
 
 from ._server import ServerInfo
 from .errors import InvalidInputError, UnknownFieldWarning
-from .params import GenerationParams
+from .formatter import json_fault
+from .params import GenerationParams, plain_int
 
 __all__ = ["Request", "build_request"]
 
@@ -53,6 +53,8 @@ _GUIDED = {
     "guided_decoding_backend": "the server's --structured-outputs-config (per request: no replacement)",
     "guided_whitespace_pattern": "structured_outputs={..., 'whitespace_pattern': pattern}",
 }
+_GREEDY = 1e-5  # vLLM samples greedily below this temperature
+
 # Set by the client from its own parameters, and needed to read the answer: extra_body may not change them.
 _RESERVED = frozenset(
     {"model", "prompt", "messages", "n", "stream", "logprobs", "top_logprobs", "prompt_logprobs", "return_token_ids",
@@ -97,8 +99,19 @@ def build_request(
     params: GenerationParams, *, num_generations: int, chat: bool, server: ServerInfo, model: str
 ) -> Request:
     """The body every pack of this call shares; raises ``InvalidInputError`` for what cannot work."""
+    num_generations = plain_int(num_generations)
     if not isinstance(num_generations, int) or isinstance(num_generations, bool) or num_generations < 1:
         raise InvalidInputError(f"num_generations={num_generations!r} is invalid: expected an int >= 1.")
+    if num_generations > 1 and params.temperature < _GREEDY:
+        raise InvalidInputError(
+            f"num_generations={num_generations} with temperature={params.temperature:g} is invalid: temperature=0 "
+            "is greedy, so every generation would be the same, and vLLM refuses n > 1 for it. Use "
+            "num_generations=1, or a temperature > 0."
+        )
+    for name in ("stop", "logit_bias", "chat_template_kwargs", "tools", "tool_choice", "extra_body"):
+        fault = json_fault(getattr(params, name))  # else every pack of the call would fail at the SDK
+        if fault is not None:
+            raise InvalidInputError(f"{name} cannot be sent as JSON: {fault}.")
     if params.model is not None:
         model = params.model
         if server.card(model) is None:
@@ -210,11 +223,4 @@ def _checked_extra_body(extra: Mapping[str, Any], *, chat: bool, server: ServerI
             UnknownFieldWarning,
             stacklevel=2,
         )
-    try:  # what JSON cannot carry would fail every pack of the call at the SDK, worded as a send failure
-        json.dumps(extra, allow_nan=False, ensure_ascii=False).encode()
-    except (ValueError, TypeError) as exc:
-        raise InvalidInputError(
-            f"extra_body cannot be sent as JSON ({exc.__class__.__name__}: {exc}). Use finite numbers, str (valid "
-            "UTF-8, no lone surrogates), lists and dicts."
-        ) from None
     return extra
