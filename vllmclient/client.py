@@ -624,7 +624,8 @@ class ClientvLLM(BaseModel):
 
         def as_prompt(index: int, conversation: Any) -> str:
             validate_conversation(conversation, index, allow_empty=allow_empty)
-            check_encodable(conversation, index)
+            if any(len(message) > 2 for message in conversation):  # tool calls, names: what templates may render
+                check_encodable(conversation, index)  # (role and content reach the prompt: check_prompt sees them)
             conversation = join_text_parts(conversation, index)
             try:
                 prompt = formatter.render(conversation, template_kwargs)

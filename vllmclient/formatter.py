@@ -52,39 +52,48 @@ def validate_conversation(conversation: Any, index: int = 0, *, allow_empty: boo
             "(use_magpie_template=True) to generate from an empty conversation."
         )
     for position, message in enumerate(conversation):
-        at = f"{where}, message {position}"
-        if not isinstance(message, Mapping):
-            raise InvalidInputError(
-                f"{at}: expected a dict with 'role' and 'content', got {_type_name(message)}.{_message_fix(message)}"
-            )
-        if "role" not in message:
+        if type(message) is dict and type(message.get("content")) is str:  # the usual case, checked cheaply
+            role = message.get("role")
+            if type(role) is str and role in KNOWN_ROLES:
+                continue
+        _check_message(message, f"{where}, message {position}")
+
+
+def _check_message(message: Any, at: str) -> None:
+    if not isinstance(message, Mapping):
+        raise InvalidInputError(
+            f"{at}: expected a dict with 'role' and 'content', got {_type_name(message)}.{_message_fix(message)}"
+        )
+    role = message.get("role", _MISSING)
+    if not isinstance(role, str) or role not in KNOWN_ROLES:
+        if role is _MISSING:
             raise InvalidInputError(f"{at}: the message has no 'role'; add one of {_ROLES} (e.g. 'user').")
-        role = message["role"]
-        if not isinstance(role, str) or role not in KNOWN_ROLES:
-            close = difflib.get_close_matches(role.lower(), KNOWN_ROLES, n=1) if isinstance(role, str) else []
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise InvalidInputError(f"{at}: unknown role {_short(role)}{hint}; use one of {_ROLES}.")
-        if "content" not in message and role != "assistant":
+        close = difflib.get_close_matches(role.lower(), KNOWN_ROLES, n=1) if isinstance(role, str) else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InvalidInputError(f"{at}: unknown role {_short(role)}{hint}; use one of {_ROLES}.")
+    content = message.get("content", _MISSING)
+    if content is _MISSING and role != "assistant":
+        raise InvalidInputError(
+            f"{at}: the message has no 'content'; add it, e.g. {{'role': {role!r}, 'content': text}}."
+        )
+    if isinstance(content, str) or (role == "assistant" and (content is None or content is _MISSING)):
+        return
+    if not isinstance(content, list):
+        raise InvalidInputError(
+            f"{at}: 'content' must be a str or a list of content parts, got {_type_name(content)}."
+            f"{_content_fix(content)}"
+        )
+    for number, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if not isinstance(kind, str) or (kind == "text" and not isinstance(part.get("text"), str)):
             raise InvalidInputError(
-                f"{at}: the message has no 'content'; add it, e.g. {{'role': {role!r}, 'content': text}}."
+                f"{at}, content part {number}: expected an OpenAI content part such as "
+                f"{{'type': 'text', 'text': '...'}}, got {_short(part)}."
             )
-        content = message.get("content")
-        if not (isinstance(content, (str, list)) or (content is None and role == "assistant")):
-            raise InvalidInputError(
-                f"{at}: 'content' must be a str or a list of content parts, got {_type_name(content)}."
-                f"{_content_fix(content)}"
-            )
-        if isinstance(content, list):
-            for number, part in enumerate(content):
-                kind = part.get("type") if isinstance(part, Mapping) else None
-                if not isinstance(kind, str) or (kind == "text" and not isinstance(part.get("text"), str)):
-                    raise InvalidInputError(
-                        f"{at}, content part {number}: expected an OpenAI content part such as "
-                        f"{{'type': 'text', 'text': '...'}}, got {_short(part)}."
-                    )
 
 
 _ROLES = ", ".join(sorted(KNOWN_ROLES))
+_MISSING: Any = object()
 
 
 def _type_name(value: Any) -> str:
