@@ -8,6 +8,7 @@ more faults (10%) and ``max_retries=1``, so that retries also run out. Invariant
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import os
 import shutil
@@ -103,13 +104,18 @@ def test_the_checker_sees_loss_duplication_mixups_and_unexplained_errors() -> No
     assert [p.split(" ")[0:2] for p in tally.problems] == [
         ["input", "0"], ["input", "1:"], ["an", "output"], ["1", "inputs"], ["1", "poisoned"]]
 
-    tally = load_test.Tally(2)
+    tally = load_test.Tally(3)
     tally.add(0, _error(1))  # an error record naming another input
     tally.add(1, _error(1, "PromptTooLongError", 400))
-    tally.finish(bytearray([0, 1]))
+    tally.add(2, failed_output(1, GenerationError(index=2, type="ServerUnreachableError", message="Not sent: ...")))
+    tally.finish(bytearray([0, 1, 0]))
     assert len(tally.problems) == 1 and "error record" in tally.problems[0]
+    assert tally.errors[load_test.NOT_SENT] == 1
     stats = {"poisoned": {"requests": 3, "single": 1},
              "fault_prompts": {"500": {"0": 5, "1": 1}, "truncated": {"0": 4, "1": 2}, "reset": {"0": 3}}}
-    assert load_test.expected_errors(stats, max_retries=1) == {
-        "PromptTooLongError 400": 1, "ServerError 500": 1, "APIError 200": 6}
-    assert tally.errors != load_test.expected_errors(stats, max_retries=1)
+    expected = load_test.expected_errors(stats, max_retries=1)
+    assert expected == {"PromptTooLongError 400": 1, "ServerError 500": 1, "APIError 200": 6}
+    problems = load_test.unexplained(tally.errors, expected)  # 6 unreadable answers missing; not sent, unexplained
+    assert [problem.split(" ")[:2] for problem in problems] == [["error", "records"], ["1", "inputs"]], problems
+    explained = collections.Counter({**expected, "ServerUnreachableError": 2, load_test.NOT_SENT: 5})
+    assert load_test.unexplained(explained, expected + collections.Counter({"ServerUnreachableError": 2})) == []
