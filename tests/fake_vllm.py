@@ -26,6 +26,17 @@ it ends as if on EOS (``"stop"``, ``stop_reason`` null). A ``[[TAG]]`` in the
 prompt (the last one; for chat, in the last message holding one) makes the
 text begin with ``TAG``. ``completion_tokens`` of a choice is the exact token
 count of its final text (special tokens excluded unless they are in the text).
+
+Structured outputs: a request with ``structured_outputs`` (servers >= 0.12) or
+the ``guided_*`` fields (servers < 0.12; each reads only its own form, so a
+client sending the wrong one gets free text) is answered with text that meets
+it: a choice picked by the RNG, a small instance of a JSON schema (``$ref``,
+``anyOf``, ``enum`` ... followed), ``{"answer": word}`` for ``json_object``,
+and for ``regex``/``grammar``/``structural_tag`` exactly the prompt's
+``[[TAG]]`` (free text without one). It is cut at ``max_tokens`` like any text
+(``finish_reason == "length"``). ``break_structured(marker, times)`` makes the
+next ``times`` generations for prompts holding ``marker`` a few free words.
+Two kinds at once is a 400, as in vLLM.
 """
 
 from __future__ import annotations
@@ -396,6 +407,7 @@ class _Params:
     ignore_eos: bool
     min_tokens: int
     seed_part: str
+    constraint: tuple[str, Any] | None = None
 
 
 def _find_tag(text: str) -> str | None:
@@ -422,16 +434,19 @@ def _join(words: list[str], tag: str | None, chat: bool) -> str:
     return " " + text
 
 
-def _generate(tok: _Tok, key: str, j: int, tag: str | None, chat: bool, p: _Params) -> _Choice:
+def _generate(tok: _Tok, key: str, j: int, tag: str | None, chat: bool, p: _Params,
+              free: bool = False) -> _Choice:
     seed_str = f"{key}\x1f{p.seed_part}\x1f{j}"
     rng = random.Random(seed_str)
     limit = p.max_tokens
+    forced = None if p.constraint is None or free else _constrained(*p.constraint, rng, tag)
     # Every word is at least one token, so more than limit + 1 words never matter.
-    words = _words(rng, min(rng.randint(1, max(1, p.target_cap)), limit + 1))
-    text = _join(words, tag, chat)
+    count = rng.randint(1, max(1, p.target_cap))
+    words = _words(rng, min(count if not free else 1 + count % 5, limit + 1))  # broken output: a few words
+    text = _join(words, tag, chat) if forced is None else forced
     ids = tok.encode_text(text)
     want = limit if p.ignore_eos else min(p.min_tokens, limit)
-    while len(ids) < want:  # ignore_eos / min_tokens: keep generating
+    while forced is None and len(ids) < want:  # ignore_eos / min_tokens: keep generating
         words += _words(rng, max(4, want - len(ids)))
         text = _join(words, tag, chat)
         ids = tok.encode_text(text)
@@ -476,6 +491,76 @@ def _generate(tok: _Tok, key: str, j: int, tag: str | None, chat: bool, p: _Para
     if changed:
         ids = tok.encode_text(text) if text else []
     return _Choice(text, list(ids), finish, stop_reason, seed_str)
+
+
+_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+_GUIDED_KINDS = ("json", "regex", "choice", "grammar")
+
+
+def _read_constraint(body: dict[str, Any], guided: bool) -> tuple[str, Any] | None:
+    """The structured-outputs constraint this server reads (vLLM < 0.12: guided_*; later: structured_outputs)."""
+    if guided:
+        found = {kind: body.get(f"guided_{kind}") for kind in _GUIDED_KINDS}
+    else:
+        spec = body.get("structured_outputs")
+        if spec is None:
+            return None
+        if not isinstance(spec, dict):
+            raise _validation_error([{"type": "dict_type", "loc": "body.structured_outputs",
+                                      "msg": "Input should be a valid dictionary", "input": spec}])
+        found = {kind: spec.get(kind) for kind in _KINDS}
+    given = [(kind, value) for kind, value in found.items() if value is not None]
+    if len(given) > 1 or (not given and not guided):
+        which = "multiple are specified" if given else "none are specified"
+        raise _vllm_validation(f"You {'can only' if given else 'must'} use one kind of structured outputs "
+                               f"constraint but {which}: {found}")
+    return given[0] if given else None
+
+
+def _constrained(kind: str, value: Any, rng: random.Random, tag: str | None) -> str | None:
+    """Text meeting the constraint, or None when the fake cannot make one (then: free text)."""
+    if kind == "choice":
+        return str(rng.choice(value))
+    if kind == "json":
+        schema = json.loads(value) if isinstance(value, str) else value
+        return json.dumps(_instance(schema, schema, rng))
+    if kind == "json_object":
+        return json.dumps({"answer": rng.choice(_WORDS)})
+    return tag  # regex, grammar, structural_tag: the prompt dictates the text
+
+
+def _instance(schema: Any, root: dict[str, Any], rng: random.Random) -> Any:
+    """A small value valid for the JSON schema (the subset pydantic and tests use)."""
+    if not isinstance(schema, dict):
+        return None
+    if "$ref" in schema:
+        target: Any = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            target = target[part]
+        return _instance(target, root, rng)
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return rng.choice(schema["enum"])
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema:
+            return _instance(schema[key][0], root, rng)
+    kind = schema.get("type", "object" if "properties" in schema else "string")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        return {name: _instance(sub, root, rng) for name, sub in schema.get("properties", {}).items()}
+    if kind == "array":
+        return [_instance(schema.get("items", {}), root, rng) for _ in range(max(1, schema.get("minItems", 1)))]
+    if kind == "integer":
+        return rng.randint(schema.get("minimum", 0), schema.get("maximum", 99))
+    if kind == "number":
+        return round(rng.uniform(schema.get("minimum", 0), schema.get("maximum", 99)), 2)
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    return rng.choice(_WORDS)
 
 
 def _completion_logprobs(tok: _Tok, ids: list[int], k: int, seed: str, offset: int = 0) -> dict[str, Any]:
@@ -558,6 +643,7 @@ class FakeVLLM:
         self._lock = threading.Lock()
         self._faults: dict[str, deque[_Fault]] = {}
         self._prompt_failures: dict[str, tuple[int, str | None]] = {}
+        self._breaks: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -694,6 +780,24 @@ class FakeVLLM:
         with self._lock:
             self._prompt_failures[marker] = (status, message)
 
+    def break_structured(self, marker: str, *, times: int = 1) -> None:
+        """Answer the next ``times`` constrained generations for prompts holding ``marker`` with free text."""
+        with self._lock:
+            self._breaks[marker] = self._breaks.get(marker, 0) + times
+
+    def _take_break(self, text: str) -> bool:
+        with self._lock:
+            for marker, left in self._breaks.items():
+                if left > 0 and marker in text:
+                    self._breaks[marker] = left - 1
+                    return True
+        return False
+
+    def _constraint(self, body: dict[str, Any]) -> tuple[str, Any] | None:
+        match = re.match(r"(\d+)\.(\d+)", self.version or "")
+        guided = match is not None and (int(match.group(1)), int(match.group(2))) < (0, 12)
+        return _read_constraint(body, guided)
+
     def drop_next(self, *, path: str = "/v1/completions", times: int = 1, match: str | None = None) -> None:
         """Close the connection without answering the next ``times`` requests to ``path``."""
         self._add_fault(path, _Fault("drop", times), match)
@@ -725,6 +829,7 @@ class FakeVLLM:
         with self._lock:
             self._faults.clear()
             self._prompt_failures.clear()
+            self._breaks.clear()
 
     def requests_to(self, path: str) -> list[Recorded]:
         """Recorded requests whose path is ``path``."""
@@ -1099,6 +1204,7 @@ class FakeVLLM:
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         seed_part = self._seed_part(body)
+        constraint = self._constraint(body)
         sequences = len(prompts) * n
         request_id = f"cmpl-{self._request_id(request, body)}"
         answered = False
@@ -1111,13 +1217,15 @@ class FakeVLLM:
                     stop_token_ids=list(body.get("stop_token_ids") or []),
                     include_stop=bool(body.get("include_stop_str_in_output")),
                     skip_special=body.get("skip_special_tokens") is not False,
-                    ignore_eos=bool(body.get("ignore_eos")), min_tokens=min_tokens, seed_part=seed_part)
+                    ignore_eos=bool(body.get("ignore_eos")), min_tokens=min_tokens, seed_part=seed_part,
+                    constraint=constraint)
                 tag = _find_tag(text)
                 for j in range(n):
                     if only_echo:
                         results.append((len(ids), _Choice("", [], "length", None, "")))
                     else:
-                        results.append((len(ids), _generate(self._tok, text, j, tag, False, params)))
+                        free = constraint is not None and self._take_break(text)
+                        results.append((len(ids), _generate(self._tok, text, j, tag, False, params, free)))
             if body.get("stream"):
                 response = await self._stream_completion(request, body, model, request_id, prompts, n, results)
             else:
@@ -1289,12 +1397,14 @@ class FakeVLLM:
             stop_token_ids=list(body.get("stop_token_ids") or []),
             include_stop=bool(body.get("include_stop_str_in_output")),
             skip_special=body.get("skip_special_tokens") is not False,
-            ignore_eos=bool(body.get("ignore_eos")), min_tokens=min_tokens, seed_part=self._seed_part(body))
+            ignore_eos=bool(body.get("ignore_eos")), min_tokens=min_tokens, seed_part=self._seed_part(body),
+            constraint=self._constraint(body))
         request_id = f"chatcmpl-{self._request_id(request, body)}"
         answered = False
         await self._engine(n)
         try:
-            choices = [_generate(self._tok, prompt, j, tag, True, params) for j in range(n)]
+            choices = [_generate(self._tok, prompt, j, tag, True, params,
+                                 params.constraint is not None and self._take_break(prompt)) for j in range(n)]
             if body.get("stream"):
                 response = await self._stream_chat(request, body, model, request_id, prompt_ids, choices, k)
             else:

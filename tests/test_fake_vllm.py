@@ -396,3 +396,27 @@ def test_kill_resets_requests_in_flight_and_start_serves_again_on_the_same_port(
     assert http(fake_vllm.base_url, "/v1/completions", COMPLETION)[0] == 200
     assert len(fake_vllm.requests_to("/v1/completions")) == 2  # what was recorded before survives
     assert fake_vllm.in_flight_requests == 0 and fake_vllm.completion_requests == 1
+
+
+def test_structured_outputs_constrain_the_text_in_the_form_the_version_reads(make_fake_vllm) -> None:
+    new, old = make_fake_vllm(), make_fake_vllm(version="0.11.2")
+    choice = {"model": MODEL, "prompt": "x", "max_tokens": 20, "n": 4}
+
+    def texts(server: FakeVLLM, **fields: Any) -> list[str]:
+        return [c["text"] for c in http(server.base_url, "/v1/completions", {**choice, **fields})[1]["choices"]]
+
+    assert set(texts(new, structured_outputs={"choice": ["yes", "no"]})) <= {"yes", "no"}
+    assert set(texts(old, guided_choice=["yes", "no"])) <= {"yes", "no"}
+    assert not set(texts(old, structured_outputs={"choice": ["yes", "no"]})) <= {"yes", "no"}  # ignored there
+    assert not set(texts(new, guided_choice=["yes", "no"])) <= {"yes", "no"}  # removed in 0.12: ignored
+    status, body, _ = http(new.base_url, "/v1/completions",
+                           {**choice, "structured_outputs": {"choice": ["a"], "regex": "a"}})
+    assert status == 400 and "only use one kind" in body["error"]["message"]
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"enum": ["a", "b"]}}}
+    for text in texts(new, structured_outputs={"json": schema}):
+        value = json.loads(text)
+        assert isinstance(value["n"], int) and value["s"] in ("a", "b")
+    assert texts(new, prompt="[[2024-05-17]]", structured_outputs={"regex": r"\d+-\d+-\d+"}) == ["2024-05-17"] * 4
+    new.break_structured("odd", times=1)
+    broken = texts(new, prompt="an odd one", structured_outputs={"choice": ["yes", "no"]})
+    assert broken[0] not in ("yes", "no") and set(broken[1:]) <= {"yes", "no"}

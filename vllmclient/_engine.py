@@ -31,7 +31,8 @@ from .errors import (
     VLLMClientError,
     from_openai,
 )
-from .results import GenerateOutput, GenerationError, failed_output
+from .results import GenerateOutput, GenerationError, failed_output, replace_generations
+from .structured import invalid_slots
 
 logger = logging.getLogger("vllmclient")
 
@@ -249,7 +250,10 @@ class Engine:
 
     async def one(self, payload: Any, request: Request) -> GenerateOutput:
         """A single input; errors are raised (agenerate's contract)."""
-        return (await self._generate([payload], request))[0]
+        output = (await self._generate([payload], request))[0]
+        if request.structured is not None:
+            await self._checked([(0, payload, output)], request)
+        return output
 
     async def _generate(self, payloads: list[Any], request: Request) -> list[GenerateOutput]:
         """One request for these payloads (a chat request takes exactly one); errors are raised."""
@@ -287,6 +291,9 @@ class Engine:
                 else:
                     results = await self._send_pack(pack, request)
                     _note_reachability(results, unreachable)
+                    if request.structured is not None:
+                        sent = [(index, payload, output) for (index, payload), (_, output) in zip(pack, results, strict=True)]
+                        await self._checked(sent, request)
             except Exception as exc:  # noqa: BLE001 - whatever went wrong fails this pack, never the whole job
                 results = [(index, _failed(index, request, exc)) for index, _ in pack]
             done.put_nowait((results, len(pack) * unit))  # from here the consumer releases the window
@@ -381,6 +388,55 @@ class Engine:
         return left + right
 
 
+    async def _checked(self, sent: list[tuple[int, Any, GenerateOutput]], request: Request) -> None:
+        """Check each output against ``structured_outputs`` and ask again for the invalid generations.
+
+        Up to ``structured_outputs_retries`` times, only the invalid generations of inputs that did not fail
+        are re-asked (``Request.again``: ``n`` of them, new seeds), as packs through ``_send_pack``, so
+        capacity and isolation hold. A re-ask that fails leaves the input's generations as they were, with
+        the failure noted in ``validation_errors``; it is not re-sent (the SDK already retried it).
+        """
+        spec = request.structured
+        assert spec is not None
+        for _, _, output in sent:
+            spec.annotate(output)
+        pending = sent
+        for attempt in range(1, request.structured_retries + 1):
+            by_count: dict[int, list[tuple[int, Any, GenerateOutput, list[int]]]] = {}
+            for index, payload, output in pending:
+                slots = invalid_slots(output)
+                if slots:
+                    by_count.setdefault(len(slots), []).append((index, payload, output, slots))
+            if not by_count:
+                return
+            rounds = [self._ask_again(items, request.again(n, attempt)) for n, items in by_count.items()]
+            pending = [item for done in await asyncio.gather(*rounds) for item in done]
+
+    async def _ask_again(
+        self, items: list[tuple[int, Any, GenerateOutput, list[int]]], request: Request
+    ) -> list[tuple[int, Any, GenerateOutput]]:
+        """One re-ask of these inputs' invalid generations; returns the inputs whose answers came back."""
+        pack = [(index, payload) for index, payload, _, _ in items]
+        if request.chat:  # a chat request carries one conversation
+            parts = await asyncio.gather(*(self._send_pack([item], request) for item in pack))
+            results = [result for part in parts for result in part]
+        else:
+            results = await self._send_pack(pack, request)
+        answered = []
+        for (index, payload, output, slots), (_, again) in zip(items, results, strict=True):
+            if "error" in again:
+                failure = again["error"]
+                errors = output["validation_errors"]
+                for slot in slots:
+                    errors[slot] = f"{errors[slot]}; asking again failed ({failure.type}: {failure.message})"
+                continue
+            assert request.structured is not None
+            request.structured.annotate(again)
+            replace_generations(output, slots, again)
+            answered.append((index, payload, output))
+        return answered
+
+
 def _note_reachability(results: list[tuple[int, GenerateOutput]], unreachable: list[ServerUnreachableError]) -> None:
     for _, output in results:
         error = output.get("error")
@@ -426,4 +482,7 @@ def _failed(index: int, request: Request, exc: BaseException) -> GenerateOutput:
         )
         error.__cause__ = exc
         exc = error
-    return failed_output(request.n, GenerationError.from_exception(index, exc))
+    output = failed_output(request.n, GenerationError.from_exception(index, exc))
+    if request.structured is not None:
+        request.structured.annotate(output)
+    return output

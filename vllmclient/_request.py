@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ._server import ServerInfo
 from .errors import InvalidInputError, UnknownFieldWarning
 from .formatter import json_fault
 from .params import GenerationParams, plain_int
+from .structured import StructuredSpec, parse_spec
 
 __all__ = ["Request", "build_request"]
 
@@ -54,6 +55,7 @@ _GUIDED = {
     "guided_whitespace_pattern": "structured_outputs={..., 'whitespace_pattern': pattern}",
 }
 _GREEDY = 1e-5  # vLLM samples greedily below this temperature
+_INT64_MIN = -(2**63)
 
 # Set by the client from its own parameters, and needed to read the answer: extra_body may not change them.
 _RESERVED = frozenset(
@@ -74,6 +76,8 @@ class Request:
     max_model_len: int | None
     truncate_prompt_tokens: int | None
     chat_template_kwargs: Mapping[str, Any] | None = None
+    structured: StructuredSpec | None = None
+    structured_retries: int = 0
 
     def with_prompts(self, prompts: list[Any]) -> dict[str, Any]:
         body = dict(self.body)
@@ -84,6 +88,18 @@ class Request:
         body = dict(self.body)
         body["messages"] = list(messages)
         return body
+
+    def again(self, n: int, attempt: int) -> Request:
+        """The request that re-asks ``n`` generations per prompt, the ``attempt``-th time.
+
+        vLLM seeds generation ``j`` of a request with ``seed + j``; a re-ask with the same seed would repeat
+        the invalid text, so attempt ``a`` starts at ``seed + a * n_original``: new seeds, still deterministic.
+        """
+        body = {**self.body, "n": n}
+        seed = body.get("seed")
+        if seed is not None:
+            body["seed"] = (seed + attempt * self.n - _INT64_MIN) % 2**64 + _INT64_MIN  # vLLM takes int64 seeds
+        return replace(self, body=body, n=n)
 
     def prompt_budget(self, tokens: int) -> int:
         """How many prompt tokens the server keeps of ``tokens`` (after ``truncate_prompt_tokens``)."""
@@ -177,6 +193,20 @@ def build_request(
         body["add_special_tokens"] = False
     if params.extra_body:
         body.update(_checked_extra_body(params.extra_body, chat=chat, server=server))
+    structured = parse_spec(params.structured_outputs)
+    if structured is not None:
+        clash = sorted((set(_GUIDED) | {"structured_outputs", "response_format"}) & set(params.extra_body or ()))
+        if clash:
+            raise InvalidInputError(
+                f"structured_outputs= and extra_body {', '.join(map(repr, clash))} both constrain the output; "
+                "give only structured_outputs= (it is sent in the form this server reads, and checked)."
+            )
+        if params.structured_outputs_retries and params.temperature < _GREEDY:
+            raise InvalidInputError(
+                f"structured_outputs_retries={params.structured_outputs_retries} with temperature=0 would repeat "
+                "the same invalid generation (greedy decoding ignores the seed): use temperature > 0, or no retries."
+            )
+        body.update(structured.body_fields(guided=server.reads_guided_fields))
     return Request(
         body=body,
         n=num_generations,
@@ -186,6 +216,8 @@ def build_request(
         max_model_len=max_model_len,
         truncate_prompt_tokens=params.truncate_prompt_tokens,
         chat_template_kwargs=None if chat else params.chat_template_kwargs,
+        structured=structured,
+        structured_retries=params.structured_outputs_retries,
     )
 
 

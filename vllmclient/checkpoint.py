@@ -234,7 +234,9 @@ class Checkpoint:
         for index, output in batch:
             key = self._sent.pop(index, None)  # None: a saved result handed back
             if key is not None and "error" not in output:
-                records.append({"index": index, "key": key, "output": output})
+                # ``parsed`` (structured outputs) may hold model instances: the client rebuilds it on resume.
+                saved = {name: value for name, value in output.items() if name != "parsed"}
+                records.append({"index": index, "key": key, "output": saved})
         self._write_lines(records)
 
     def _write_lines(self, records: list[dict[str, Any]]) -> None:

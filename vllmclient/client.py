@@ -45,6 +45,7 @@ from .formatter import (
 )
 from .params import GenerationParams, parse_params
 from .results import GenerateOutput
+from .structured import StructuredSpec, from_distilabel, parse_spec
 
 __all__ = ["ClientvLLM"]
 
@@ -65,12 +66,13 @@ _RUNTIME_PARAMETERS = {
     "timeout": "Seconds to wait for each request before the SDK gives up on it (then retries).",
     "httpx_client_kwargs": "Extra keyword arguments for the HTTP client the SDK uses (limits, verify, proxy, ...).",
     "max_concurrency": "The most sequences (prompts x num_generations) the server works on at once.",
+    "structured_output": "distilabel's {'schema': <pydantic model class or JSON schema>, 'format': 'json'}: the "
+    "default structured_outputs of every call.",
 }
 _DISTILABEL_ONLY = {
     "use_offline_batch_generation": (False, "vLLM serves no OpenAI Batch API; use generate(..., checkpoint=...)"),
     "offline_batch_generation_block_until_done": (None, "vLLM serves no OpenAI Batch API"),
     "jobs_ids": (None, "vLLM serves no OpenAI Batch API"),
-    "structured_output": (None, "pass extra_body={'structured_outputs': {...}} to the generate call"),
 }
 _PROGRESS_THRESHOLD = 100
 _DEFAULT_API_KEY = "EMPTY"  # any non-empty string: the SDK refuses to start without a key
@@ -115,6 +117,7 @@ class ClientvLLM(BaseModel):
     max_concurrency: int = Field(default=256, ge=1)
     pack_size: int | None = Field(default=None, ge=1, le=1024)
     generation_kwargs: dict[str, Any] = Field(default_factory=dict)
+    structured_output: dict[str, Any] | None = None
 
     _aclient: openai.AsyncOpenAI | None = PrivateAttr(default=None)
     _tokenizer: Any = PrivateAttr(default=None)
@@ -177,7 +180,8 @@ class ClientvLLM(BaseModel):
     def _check_generation_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
         """A typo or a bad value fails here, not at the first generate call."""
         try:
-            parse_params({name: item for name, item in value.items() if name != "num_generations"})
+            params = parse_params({name: item for name, item in value.items() if name != "num_generations"})
+            parse_spec(params.structured_outputs)
         except InvalidInputError as exc:
             raise ValueError(f"generation_kwargs: {exc}") from None
         return value
@@ -203,6 +207,14 @@ class ClientvLLM(BaseModel):
                         raise ValueError(f"{name}={data[name]!r} is not supported: {why}")
                     data = {k: v for k, v in data.items() if k != name}
         return data
+
+    @field_validator("structured_output")
+    @classmethod
+    def _check_structured_output(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """distilabel's form (a schema) becomes every call's default ``structured_outputs``; other forms fail here."""
+        if value is not None:
+            from_distilabel(value)
+        return value
 
     @field_validator("tokenizer", mode="before")
     @classmethod
@@ -581,6 +593,8 @@ class ClientvLLM(BaseModel):
         batches = self._engine.stream(indexed, request, self._prepare(request))
         if saved is not None:
             batches = saved.settled(batches)  # saves each batch; results saved earlier come back too
+            if request.structured is not None:
+                batches = _reparsed(batches, request.structured)
         try:
             async for batch in batches:
                 if bar is not None:
@@ -599,6 +613,10 @@ class ClientvLLM(BaseModel):
 
     def _request(self, params: dict[str, Any]) -> Request:
         num_generations = params.pop("num_generations", 1)
+        if self.structured_output is not None:  # a call's own structured_outputs (even None) wins
+            params.setdefault("structured_outputs", self.structured_output["schema"])
+            if self.structured_output.get("max_retries") is not None:
+                params.setdefault("structured_outputs_retries", self.structured_output["max_retries"])
         assert self._server is not None
         return build_request(
             parse_params(params),
@@ -678,6 +696,20 @@ def _read(inputs: Iterable[Any]) -> Iterator[Any]:
             f"inputs raised {exc.__class__.__name__} ({exc}) when reading input {index}, so the call stopped there. "
             "Fix the iterable; with checkpoint=... a rerun sends only what did not finish."
         ) from exc
+
+
+async def _reparsed(
+    batches: AsyncIterator[list[tuple[int, GenerateOutput]]], spec: StructuredSpec
+) -> AsyncIterator[list[tuple[int, GenerateOutput]]]:
+    """A checkpoint does not save ``parsed`` (it may hold model instances): rebuild it for restored results."""
+    try:
+        async for batch in batches:
+            for _, output in batch:
+                if "parsed" not in output:
+                    spec.annotate(output)
+            yield batch
+    finally:
+        await batches.aclose()  # type: ignore[attr-defined]
 
 
 async def _version(engine: Engine, api_base: str) -> str | None:

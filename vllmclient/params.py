@@ -83,6 +83,18 @@ class GenerationParams(BaseModel):
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="Extra variables for the chat template (e.g. {'enable_thinking': False})."
     )
+    # -- structured outputs (see vllmclient.structured) -------------------------------------------------
+    structured_outputs: dict[str, Any] | type[BaseModel] | None = Field(
+        None, description="A JSON schema (dict), a pydantic model class, or vLLM's form: {'json': schema}, "
+        "{'regex': pattern}, {'choice': [str, ...]}, {'grammar': ebnf}, {'json_object': True} or "
+        "{'structural_tag': ...}, with vLLM's options beside it (disable_any_whitespace, "
+        "disable_additional_properties, whitespace_pattern). Each output is checked: see 'parsed' and "
+        "'validation_errors' in the results.",
+    )
+    structured_outputs_retries: int = Field(
+        0, ge=0, description="Ask again, up to this many times, for the generations that fail the structured_outputs "
+        "check (only those; with a seed, each re-ask uses new seeds).",
+    )
     # -- the chat path (tokenizer=None) ---------------------------------------------------------------
     tools: list[dict[str, Any]] | None = Field(
         None, description="OpenAI tool definitions; needs tokenizer=None and a server with --tool-call-parser."

@@ -32,6 +32,11 @@ class GenerateOutput(TypedDict):
     - ``prompt_logprobs``: when requested; per prompt token, the top tokens (``None`` for the first);
     - ``tool_calls``: per generation, the OpenAI tool calls the server's tool parser found, or ``None``;
     - ``reasoning``: per generation, the thinking text the server's reasoning parser split off, or ``None``;
+    - ``parsed`` and ``validation_errors``: when ``structured_outputs`` was given; per generation, the
+      parsed value (a dict or list for a JSON schema, a model instance for a pydantic class, the text for
+      a regex, a choice or a grammar) or ``None`` when invalid, and ``None`` or why it is invalid (see
+      ``vllmclient.structured``). Generations re-asked (``structured_outputs_retries``) replace the
+      invalid ones in place; ``request_id`` stays the first request's;
     - ``error``: the input failed (its generations are then ``None``).
     """
 
@@ -43,6 +48,8 @@ class GenerateOutput(TypedDict):
     prompt_logprobs: NotRequired[list[list[Logprob] | None]]
     tool_calls: NotRequired[list[list[dict[str, Any]] | None]]
     reasoning: NotRequired[list[str | None]]
+    parsed: NotRequired[list[Any]]
+    validation_errors: NotRequired[list[str | None]]
     error: NotRequired[GenerationError]
 
 
@@ -88,3 +95,31 @@ def failed_output(num_generations: int, error: GenerationError) -> GenerateOutpu
     output = empty_output(num_generations, error.request_id)
     output["error"] = error
     return output
+
+
+# Per-generation entries (and what an absent list holds), for replacing some generations with others.
+_PER_GENERATION: dict[str, Any] = {
+    "generations": None, "finish_reasons": None, "logprobs": [], "tool_calls": None, "reasoning": None,
+    "parsed": None, "validation_errors": None,
+}
+
+
+def replace_generations(output: GenerateOutput, slots: list[int], other: GenerateOutput) -> None:
+    """Put ``other``'s generations (one per slot, in order) in ``output``'s ``slots``, with everything
+    that goes with each (finish reason, token counts, logprobs, tool calls, reasoning, parsed value)."""
+    n = len(output["generations"])
+    target: dict[str, Any] = output  # type: ignore[assignment]
+    source: dict[str, Any] = other  # type: ignore[assignment]
+    for key, absent in _PER_GENERATION.items():
+        if key not in target and key not in source:
+            continue
+        values = target.setdefault(key, [_blank(absent) for _ in range(n)])
+        for position, slot in enumerate(slots):
+            values[slot] = source[key][position] if key in source else _blank(absent)
+    for key in ("input_tokens", "output_tokens"):
+        for position, slot in enumerate(slots):
+            output["statistics"][key][slot] = other["statistics"][key][position]  # type: ignore[literal-required]
+
+
+def _blank(absent: Any) -> Any:
+    return list(absent) if isinstance(absent, list) else absent
