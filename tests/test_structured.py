@@ -8,7 +8,7 @@ import inspect
 import json
 
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, field_validator
 
 from vllmclient import ClientvLLM, InvalidInputError
 
@@ -76,8 +76,7 @@ FORMS = [  # (structured_outputs=, what is sent, the parsed type)
     ({"regex": DATE}, {"regex": DATE}, str),
     ({"grammar": "root ::= [0-9-]+"}, {"grammar": "root ::= [0-9-]+"}, str),
     ({"json_object": True}, {"json_object": True}, dict),
-    ({"json": SCHEMA, "disable_any_whitespace": True, "whitespace_pattern": " ?"},
-     {"json": SCHEMA, "disable_any_whitespace": True, "whitespace_pattern": " ?"}, dict),
+    ({"json": SCHEMA, "disable_any_whitespace": False, "whitespace_pattern": None}, {"json": SCHEMA}, dict),  # no-ops
 ]
 
 
@@ -118,7 +117,6 @@ OLD_FORMS = [
     ({"regex": DATE}, {"guided_regex": DATE}),
     ({"choice": ["yes", "no"]}, {"guided_choice": ["yes", "no"]}),
     ({"grammar": "root ::= [0-9-]+"}, {"guided_grammar": "root ::= [0-9-]+"}),
-    ({"json": SCHEMA, "whitespace_pattern": " ?"}, {"guided_json": SCHEMA, "guided_whitespace_pattern": " ?"}),
 ]
 
 
@@ -134,8 +132,7 @@ def test_a_server_before_0_12_gets_the_guided_fields(make_fake_vllm, tokenizer_d
     assert output["validation_errors"] == [None, None]
 
 
-@pytest.mark.parametrize("spec", [{"json_object": True}, {"structural_tag": "{}"},
-                                  {"json": SCHEMA, "disable_any_whitespace": True}])
+@pytest.mark.parametrize("spec", [{"json_object": True}, {"structural_tag": "{}"}])
 def test_a_server_before_0_12_refuses_what_the_guided_fields_cannot_say(make_fake_vllm, tokenizer_dir, spec):
     old = make_fake_vllm(version="0.11.2")
     with (ClientvLLM(base_url=old.base_url, tokenizer=tokenizer_dir) as llm,
@@ -175,8 +172,10 @@ BAD = [
     ({}, "neither vLLM's form.*json_object"),
     ({"schema": SCHEMA, "format": "json"}, "distilabel's structured_output form.*structured_outputs=schema"),
     ({"choice": ["a"], "temprature": 1}, "unknown key.*'temprature'"),
-    ({"regex": "a", "disable_any_whitespace": "yes"}, "disable_any_whitespace must be a bool"),
-    ({"regex": "a", "whitespace_pattern": "["}, "whitespace_pattern is not a valid regular expression"),
+    ({"json": SCHEMA, "disable_any_whitespace": True},
+     "disable_any_whitespace would be ignored: vLLM reads.*only from the server's --structured-outputs-config"),
+    ({"json": SCHEMA, "disable_additional_properties": True, "whitespace_pattern": " ?"},
+     "disable_additional_properties, whitespace_pattern would be ignored"),
     (Person(name="x", age=1), "structured_outputs=.*Expected: A JSON schema"),
     ("a|b", "structured_outputs=.*Expected: A JSON schema"),
 ]
@@ -425,3 +424,19 @@ def test_json_cut_off_is_invalid_even_when_what_came_parses(llm):
     assert output["finish_reasons"] == ["length"] and json.loads(output["generations"][0]) < 1000
     assert output["parsed"] == [None]
     assert output["validation_errors"][0].startswith("cut off by max_new_tokens (finish_reason 'length')")
+
+
+class Picky(BaseModel):
+    name: str
+    age: int
+
+    @field_validator("name")
+    @classmethod
+    def _lookup(cls, value):
+        raise KeyError("surprise")  # not a ValueError: pydantic lets it through
+
+
+def test_a_model_whose_validation_raises_anything_makes_that_output_invalid_not_the_input_failed(llm):
+    output = llm.generate([user("x")], structured_outputs=Picky)[0]
+    assert "error" not in output
+    assert output["validation_errors"] == ["Picky's validation raised KeyError: 'surprise'"]

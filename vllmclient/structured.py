@@ -6,8 +6,12 @@
   ``parsed`` holds model instances;
 - vLLM's form, a dict with exactly one kind key: ``{"json": schema}`` (a dict, JSON text or a pydantic
   class), ``{"regex": pattern}``, ``{"choice": [str, ...]}``, ``{"grammar": ebnf}``, ``{"json_object":
-  True}`` or ``{"structural_tag": ...}``, plus any of vLLM's options beside it (``disable_any_whitespace``,
-  ``disable_additional_properties``, ``whitespace_pattern``);
+  True}`` or ``{"structural_tag": ...}``. vLLM's options beside the kind (``disable_any_whitespace``,
+  ``disable_additional_properties``, ``whitespace_pattern``) are refused when set: vLLM's engine reads the
+  first two only from the server's ``--structured-outputs-config`` and the third nowhere, so per request
+  they are ignored without a word (vllm-project/vllm#48765, #26362; checked on vLLM 0.32). A model that
+  pads JSON with whitespace until ``max_new_tokens`` needs ``vllm serve ... --structured-outputs-config
+  '{"disable_any_whitespace": true}'`` (or a negative ``logit_bias`` on its whitespace tokens);
 - any other dict: a JSON schema. It must use at least one JSON Schema keyword (``type``, ``properties``,
   ``enum``, ``$ref``, ...), so a misspelt kind such as ``{"choices": [...]}`` is refused instead of being
   sent as a schema that allows anything.
@@ -45,10 +49,11 @@ from .results import GenerateOutput
 __all__ = ["StructuredSpec", "from_distilabel", "parse_spec"]
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
-_OPTIONS = {"disable_any_whitespace": bool, "disable_additional_properties": bool, "whitespace_pattern": str}
-# The old request fields (vLLM < 0.12) for the kinds and options that had one.
-_GUIDED = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice", "grammar": "guided_grammar",
-           "whitespace_pattern": "guided_whitespace_pattern"}
+# vLLM's per-request options: accepted by the server and ignored (see the module's docs); their no-op values.
+_OPTIONS: dict[str, Any] = {"disable_any_whitespace": False, "disable_additional_properties": False,
+                            "whitespace_pattern": None}
+# The old request fields (vLLM < 0.12) for the kinds that had one.
+_GUIDED = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice", "grammar": "guided_grammar"}
 # Keywords that make a dict a JSON schema that constrains something (annotations such as "title" do not).
 _SCHEMA_KEYWORDS = frozenset({
     "type", "properties", "required", "items", "prefixItems", "enum", "const", "anyOf", "oneOf", "allOf", "not",
@@ -66,22 +71,20 @@ Check = Callable[[str], tuple[Any, str | None]]
 class StructuredSpec:
     """One call's constraint: what to send (``body_fields``) and how to check each output (``annotate``)."""
 
-    def __init__(self, kind: str, value: Any, options: Mapping[str, Any], check: Check | None) -> None:
-        self.kind, self.value, self.options = kind, value, dict(options)
+    def __init__(self, kind: str, value: Any, check: Check | None) -> None:
+        self.kind, self.value = kind, value
         self._check = check
 
     def body_fields(self, *, guided: bool) -> dict[str, Any]:
         """The request fields: ``structured_outputs`` (vLLM >= 0.12), or the ``guided_*`` fields before."""
         if not guided:
-            return {"structured_outputs": {self.kind: self.value, **self.options}}
-        missing = [name for name in (self.kind, *self.options) if name not in _GUIDED]
-        if missing:
+            return {"structured_outputs": {self.kind: self.value}}
+        if self.kind not in _GUIDED:
             raise InvalidInputError(
-                f"structured_outputs {', '.join(map(repr, missing))} has no equivalent in the guided_* fields that "
-                "this server (vLLM < 0.12) reads. Use json, regex, choice or grammar (with whitespace_pattern), or "
-                "send the server's own field through extra_body."
+                f"structured_outputs {self.kind!r} has no equivalent in the guided_* fields that this server (vLLM < "
+                "0.12) reads. Use json, regex, choice or grammar, or send the server's own field through extra_body."
             )
-        return {_GUIDED[name]: value for name, value in {self.kind: self.value, **self.options}.items()}
+        return {_GUIDED[self.kind]: self.value}
 
     def check(self, text: str | None, finish_reason: str | None) -> tuple[Any, str | None]:
         """``(parsed, None)`` for a valid output, ``(None, why)`` otherwise."""
@@ -118,13 +121,13 @@ def parse_spec(value: Any) -> StructuredSpec | None:
     if value is None:
         return None
     if _is_model(value):
-        return _json_spec(value, {})
+        return _json_spec(value)
     if not isinstance(value, Mapping):
         raise _invalid(value, "expected a JSON schema (dict), a pydantic model class or vLLM's form such as "
                               "{'choice': [...]}")
     kinds = [name for name in KINDS if name in value]
     if not kinds:
-        return _json_spec(_plain_schema(value), {})
+        return _json_spec(_plain_schema(value))
     given = [name for name in kinds if value[name] is not None]
     if len(given) != 1:
         raise _invalid(value, f"give exactly one of {', '.join(KINDS)} (vLLM refuses "
@@ -132,16 +135,15 @@ def parse_spec(value: Any) -> StructuredSpec | None:
     others = [name for name in value if name not in KINDS and name not in _OPTIONS]
     if others:
         hints = [f"{name!r}" + _did_you_mean(name, [*KINDS, *_OPTIONS]) for name in others]
-        raise _invalid(value, f"unknown key(s) {', '.join(hints)} beside {given[0]!r}; vLLM's options are "
-                              f"{', '.join(_OPTIONS)}")
-    options = {name: value[name] for name in _OPTIONS if value.get(name) is not None}
-    for name, option in options.items():
-        if type(option) is not _OPTIONS[name]:
-            raise _invalid(option, f"{name} must be a {_OPTIONS[name].__name__}")
-    if "whitespace_pattern" in options:
-        _compiled(options["whitespace_pattern"], "whitespace_pattern")
+        raise _invalid(value, f"unknown key(s) {', '.join(hints)} beside {given[0]!r}")
+    ignored = [name for name, no_op in _OPTIONS.items() if name in value and value[name] != no_op]
+    if ignored:
+        raise _invalid(value, f"{', '.join(ignored)} would be ignored: vLLM reads disable_any_whitespace and "
+                              "disable_additional_properties only from the server's --structured-outputs-config (e.g. "
+                              "vllm serve ... --structured-outputs-config '{\"disable_any_whitespace\": true}') and "
+                              "whitespace_pattern nowhere; drop them from the request")
     kind = given[0]
-    return _KIND_PARSERS[kind](value[kind], options)
+    return _KIND_PARSERS[kind](value[kind])
 
 
 def from_distilabel(value: Any) -> tuple[dict[str, Any] | type[BaseModel], int | None]:
@@ -179,7 +181,7 @@ def from_distilabel(value: Any) -> tuple[dict[str, Any] | type[BaseModel], int |
 # -- the kinds ----------------------------------------------------------------------------------------
 
 
-def _json_spec(schema: Any, options: Mapping[str, Any]) -> StructuredSpec:
+def _json_spec(schema: Any) -> StructuredSpec:
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -187,7 +189,7 @@ def _json_spec(schema: Any, options: Mapping[str, Any]) -> StructuredSpec:
             raise _invalid(schema, f"json is not valid JSON text ({exc})") from None
     if _is_model(schema):
         model: type[BaseModel] = schema
-        return StructuredSpec("json", model.model_json_schema(), options, lambda text: _check_model(model, text))
+        return StructuredSpec("json", model.model_json_schema(), lambda text: _check_model(model, text))
     if not isinstance(schema, Mapping):
         raise _invalid(schema, "json must be a JSON schema (a dict, or its JSON text) or a pydantic model class")
     schema = dict(schema)
@@ -202,47 +204,47 @@ def _json_spec(schema: Any, options: Mapping[str, Any]) -> StructuredSpec:
         raise _invalid(schema, f"not a valid JSON schema: {exc.message} (at {exc.json_path})") from None
     _check_refs(schema, schema)
     validator = validator_class(schema)
-    return StructuredSpec("json", schema, options, lambda text: _check_schema(validator, text))
+    return StructuredSpec("json", schema, lambda text: _check_schema(validator, text))
 
 
-def _json_object(value: Any, options: Mapping[str, Any]) -> StructuredSpec:
+def _json_object(value: Any) -> StructuredSpec:
     if value is not True:
         raise _invalid(value, "json_object must be True (any JSON object)")
-    return StructuredSpec("json_object", True, options, _check_object)
+    return StructuredSpec("json_object", True, _check_object)
 
 
-def _regex(value: Any, options: Mapping[str, Any]) -> StructuredSpec:
+def _regex(value: Any) -> StructuredSpec:
     pattern = _compiled(value, "regex")
     return StructuredSpec(
-        "regex", value, options,
+        "regex", value,
         lambda text: (text, None) if pattern.fullmatch(text) else (None, f"does not match the regex {value!r} in full"),
     )
 
 
-def _choice(value: Any, options: Mapping[str, Any]) -> StructuredSpec:
+def _choice(value: Any) -> StructuredSpec:
     if isinstance(value, tuple):
         value = list(value)
     if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
         raise _invalid(value, "choice must be a non-empty list of str, e.g. {'choice': ['yes', 'no']}")
     choices = frozenset(value)
     return StructuredSpec(
-        "choice", value, options,
+        "choice", value,
         lambda text: (text, None) if text in choices else (None, f"{_short(text)} is not one of the choices"),
     )
 
 
-def _unchecked(kind: str) -> Callable[[Any, Mapping[str, Any]], StructuredSpec]:
-    def parse(value: Any, options: Mapping[str, Any]) -> StructuredSpec:
+def _unchecked(kind: str) -> Callable[[Any], StructuredSpec]:
+    def parse(value: Any) -> StructuredSpec:
         if kind == "grammar" and (not isinstance(value, str) or not value.strip()):
             raise _invalid(value, "grammar must be a non-empty str (an EBNF grammar)")
         if kind == "structural_tag" and not isinstance(value, (str, Mapping)):
             raise _invalid(value, "structural_tag must be a str or a dict, as vLLM takes it")
-        return StructuredSpec(kind, value, options, None)
+        return StructuredSpec(kind, value, None)
 
     return parse
 
 
-_KIND_PARSERS: dict[str, Callable[[Any, Mapping[str, Any]], StructuredSpec]] = {
+_KIND_PARSERS: dict[str, Callable[[Any], StructuredSpec]] = {
     "json": _json_spec, "json_object": _json_object, "regex": _regex, "choice": _choice,
     "grammar": _unchecked("grammar"), "structural_tag": _unchecked("structural_tag"),
 }
@@ -268,6 +270,8 @@ def _check_model(model: type[BaseModel], text: str) -> tuple[Any, str | None]:
     except ValidationError as exc:
         problems = [f"{'.'.join(map(str, error['loc'])) or '(root)'}: {error['msg']}" for error in exc.errors()[:3]]
         return None, f"does not match {model.__name__}: {'; '.join(problems)}"
+    except Exception as exc:  # noqa: BLE001 - a validator of the caller's model raised something pydantic does not wrap
+        return None, f"{model.__name__}'s validation raised {exc.__class__.__name__}: {exc}"
 
 
 def _check_object(text: str) -> tuple[Any, str | None]:
