@@ -8,9 +8,9 @@ import inspect
 import json
 
 import pytest
-from pydantic import BaseModel, ValidationError, field_validator
+from pydantic import BaseModel, field_validator
 
-from vllmclient import ClientvLLM, InvalidInputError
+from vllmclient import ClientvLLM, ConfigurationError, InvalidInputError
 
 from fake_vllm import error_body
 
@@ -325,8 +325,10 @@ def test_agenerate_asks_again(client, fake_vllm, path):
 
 def test_a_failed_re_ask_keeps_the_first_answer_and_says_why(llm, fake_vllm):
     fake_vllm.break_structured("x", times=1)
-    fake_vllm.fail_next(400, body=error_body(400, "no room", param="max_tokens"), skip=1)  # the re-ask fails
-    output = llm.generate([user("x")], num_generations=2, structured_outputs=SCHEMA, structured_outputs_retries=3)[0]
+    # The re-ask (seeds from 5 + 2) fails with a 400 about a call-wide parameter: not split, not retried.
+    fake_vllm.fail_next(400, body=error_body(400, "no room", param="max_tokens"), match='"seed":7')
+    output = llm.generate([user("x")], num_generations=2, structured_outputs=SCHEMA, structured_outputs_retries=3,
+                          seed=5)[0]
     assert "error" not in output
     assert len(completions(fake_vllm)) == 2  # a failed re-ask is not sent again
     assert output["validation_errors"][0].startswith("not valid JSON")
@@ -337,9 +339,9 @@ def test_a_failed_re_ask_keeps_the_first_answer_and_says_why(llm, fake_vllm):
 def test_re_asks_are_packed_and_split_like_any_pack(llm, fake_vllm):
     for marker in ("beta", "delta"):
         fake_vllm.break_structured(marker, times=1)
-    fake_vllm.fail_next(400, skip=1)  # the re-ask pack is refused about no parameter in particular: split
+    fake_vllm.fail_next(400, match='"seed":4')  # the re-ask pack is refused naming no parameter: it is split
     inputs = [user(word) for word in ("alpha", "beta", "gamma", "delta")]
-    outputs = llm.generate(inputs, structured_outputs=SCHEMA, structured_outputs_retries=1)
+    outputs = llm.generate(inputs, structured_outputs=SCHEMA, structured_outputs_retries=1, seed=3)
     sent = completions(fake_vllm)
     assert [len(body["prompt"]) for body in sent] == [4, 2, 1, 1]
     assert [output["validation_errors"] for output in outputs] == [[None]] * 4
@@ -395,8 +397,16 @@ def test_distilabels_structured_output_takes_a_schema_dict_and_is_a_runtime_para
     ({"schema": SCHEMA, "max_retries": -1}, "max_retries=-1 must be an int >= 0"),
 ])
 def test_other_forms_of_structured_output_are_refused_at_construction(value, message):
-    with pytest.raises(ValidationError, match=message):
+    with pytest.raises(ConfigurationError, match=message):
         ClientvLLM(structured_output=value)
+    with pytest.raises(ConfigurationError, match=message):
+        ClientvLLM().set_runtime_parameters({"structured_output": value})
+
+
+def test_a_bad_spec_in_generation_kwargs_fails_when_set():
+    with pytest.raises(ConfigurationError, match="generation_kwargs: structured_outputs is invalid.*'choice'"):
+        ClientvLLM(generation_kwargs={"structured_outputs": {"choices": ["a", "b"]}})
+    ClientvLLM(generation_kwargs={"structured_outputs": Person, "structured_outputs_retries": 1})
 
 
 # -- checkpoints --------------------------------------------------------------------------------------
