@@ -387,7 +387,6 @@ class Engine:
         )
         return left + right
 
-
     async def _checked(self, sent: list[tuple[int, Any, GenerateOutput]], request: Request) -> None:
         """Check each output against ``structured_outputs`` and ask again for the invalid generations.
 

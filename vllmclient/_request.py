@@ -52,7 +52,8 @@ _GUIDED = {
     "guided_choice": "structured_outputs={'choice': [...]}",
     "guided_grammar": "structured_outputs={'grammar': ebnf}",
     "guided_decoding_backend": "the server's --structured-outputs-config (per request: no replacement)",
-    "guided_whitespace_pattern": "structured_outputs={..., 'whitespace_pattern': pattern}",
+    "guided_whitespace_pattern": "nothing (vLLM reads no whitespace pattern; for compact JSON, start the server with "
+    "--structured-outputs-config '{\"disable_any_whitespace\": true}')",
 }
 _GREEDY = 1e-5  # vLLM samples greedily below this temperature
 _INT64_MIN = -(2**63)
