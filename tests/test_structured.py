@@ -168,6 +168,7 @@ BAD = [
     ({"$ref": "#/$defs/Missing"}, "a \\$ref points to nothing"),
     ({"$ref": "https://example.com/s.json"}, "points outside the schema"),
     ({"type": "number", "maximum": float("nan")}, "cannot be sent as JSON"),
+    ({"choice": ["yes", "no\udcff"]}, r"cannot be sent as JSON: it holds '\\udcff', a lone surrogate"),
     ({"choices": ["yes", "no"]}, "neither vLLM's form.*nor a JSON schema.*did you mean 'choice'"),
     ({}, "neither vLLM's form.*json_object"),
     ({"schema": SCHEMA, "format": "json"}, "distilabel's structured_output form.*structured_outputs=schema"),

@@ -207,7 +207,11 @@ def build_request(
                 f"structured_outputs_retries={params.structured_outputs_retries} with temperature=0 would repeat "
                 "the same invalid generation (greedy decoding ignores the seed): use temperature > 0, or no retries."
             )
-        body.update(structured.body_fields(guided=server.reads_guided_fields))
+        fields = structured.body_fields(guided=server.reads_guided_fields)
+        fault = json_fault(fields)
+        if fault is not None:
+            raise InvalidInputError(f"structured_outputs cannot be sent as JSON: {fault}.")
+        body.update(fields)
     return Request(
         body=body,
         n=num_generations,
