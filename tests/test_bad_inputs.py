@@ -271,11 +271,11 @@ BAD_CALLS = [
         "temperature given twice", "extra_body", "temperature=..."),
     row("extra_body-guided_json", {"extra_body": {"guided_json": {"type": "object"}}}, "guided_json",
         "structured_outputs"),
-    # structured outputs (typed by h6)
+    # structured outputs
     row("structured_outputs-two-kinds", {"structured_outputs": {"regex": "a+", "choice": ["a"]}},
-        "structured_outputs", "one", waits="h6"),
+        "structured_outputs", "one"),
     row("structured_outputs-empty-choice", {"structured_outputs": {"choice": []}}, "structured_outputs",
-        "choice", "empty", waits="h6"),
+        "choice", "empty"),
 ]
 
 NO_TEMPLATE = "<a tokenizer without a chat template>"  # replaced by a copy of the tiny tokenizer without one
