@@ -1,0 +1,233 @@
+"""A seeded bulk job cut short by a crash of the real vLLM server resumes from its checkpoint.
+
+Two jobs, one through ``generate`` and one through ``aiter_generate``, run on a server of this module's
+own; when both have saved some results, the server's whole process group is SIGKILLed (as a crash or the
+OOM killer ends it). Both calls must return soon, with error records for what was unfinished. A new server
+is started on the same port and the same calls are repeated with the same clients: only the inputs without
+a saved result are sent, each checkpoint ends with exactly one record per input and no error, and every
+result equals an uninterrupted run with the same seed. Two server starts in all; the shared ``vllm_server``
+is never used, as tests must not stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vllmclient import ClientvLLM, LocalServer
+from vllmclient.local_server import _group_alive
+from vllmclient.results import GenerateOutput
+
+pytestmark = pytest.mark.integration
+
+COUNT = 32  # inputs per job
+SAMPLING: dict[str, Any] = {
+    "num_generations": 2, "temperature": 1.0, "seed": 2024, "max_new_tokens": 48, "ignore_eos": True,
+}
+KILL_AFTER = 6  # results each job has saved when the server is killed: clearly under way, far from done
+CALL_DEADLINE_S = 180.0  # a call still running this long after its server died is hung (it takes seconds)
+NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Henry", "Iris", "Jack"]
+TAG = re.compile(r"\[\[([ab]\d+)\]\]")
+
+
+def job(name: str) -> list[list[dict[str, str]]]:
+    """A job's inputs. Each prompt carries its job and index (``[[a7]]``), so what was sent can be told apart,
+    and is longer than the one before, so its ``input_tokens`` tell whose result a record is: the tiny model
+    barely reads the prompt, and with one seed for the whole job many inputs get the same text.
+    """
+    return [
+        [{"role": "user", "content": f"[[{name}{i}]] Tell me about {', '.join(NAMES[k % 10] for k in range(i + 1))}."}]
+        for i in range(COUNT)
+    ]
+
+
+class SentPrompts:
+    """A request hook of the user's (``httpx_client_kwargs``): the tag of every prompt the client sends."""
+
+    def __init__(self) -> None:
+        self.tags: list[str] = []
+
+    async def hook(self, request: Any) -> None:
+        if request.url.path.endswith("/completions"):
+            self.tags += [TAG.search(prompt).group(1) for prompt in json.loads(request.content)["prompt"]]
+
+
+def client(server: LocalServer, sent: SentPrompts) -> ClientvLLM:
+    # Small retries and timeout: a dead server must turn into error records within seconds, not minutes.
+    llm = ClientvLLM(
+        base_url=server.base_url, tokenizer=str(server.model_dir), max_retries=1, timeout=30,
+        max_concurrency=16, pack_size=2, httpx_client_kwargs={"event_hooks": {"request": [sent.hook]}},
+    )
+    llm.load()
+    return llm
+
+
+def run_generate(llm: ClientvLLM, name: str, checkpoint: Path) -> list[GenerateOutput]:
+    return llm.generate(job(name), checkpoint=checkpoint, progress=False, **SAMPLING)
+
+
+def run_aiter(llm: ClientvLLM, name: str, checkpoint: Path) -> dict[int, GenerateOutput]:
+    """``aiter_generate`` consumed from an event loop of the caller's; each index must come once."""
+
+    async def consume(stream: AsyncIterator[tuple[int, GenerateOutput]]) -> dict[int, GenerateOutput]:
+        yielded: dict[int, GenerateOutput] = {}
+        async for index, output in stream:
+            assert index not in yielded, f"aiter_generate yielded input {index} twice"
+            yielded[index] = output
+        return yielded
+
+    return asyncio.run(consume(llm.aiter_generate(job(name), checkpoint=checkpoint, progress=False, **SAMPLING)))
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    """The checkpoint's result lines (after its header); every line must be whole JSON."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert json.loads(lines[0])["format"] == "vllmclient-checkpoint-1"
+    return [json.loads(line) for line in lines[1:]]
+
+
+def saved_count(path: Path) -> int:
+    try:
+        return path.read_text(encoding="utf-8").count('"index"')
+    except FileNotFoundError:
+        return 0
+
+
+def finished_requests(server: LocalServer) -> int:
+    """The server's own count of requests it finished (each prompt of a pack is one), from /metrics."""
+    with urllib.request.urlopen(server.root_url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    total = sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:request_success_total{")
+    )
+    return int(total)
+
+
+def in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = target()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def joined(thread: threading.Thread, box: dict[str, Any], what: str) -> Any:
+    thread.join(CALL_DEADLINE_S)
+    assert not thread.is_alive(), f"{what} still running {CALL_DEADLINE_S:g} s after the server died: it hangs"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def crash(server: LocalServer) -> None:
+    """SIGKILL the server's whole process group (API server, EngineCore, workers) at once, as a crash would."""
+    assert server.pid is not None and os.getpgid(server.pid) == server.pid  # it leads its own group
+    os.killpg(server.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _group_alive(server.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _group_alive(server.pid), "the server's process group outlived SIGKILL"
+    server.stop()  # only reaps the dead API server
+
+
+def test_a_seeded_job_cut_by_a_server_crash_resumes_to_the_uninterrupted_result(
+    vllm_server_python: str, tmp_path: Path
+) -> None:
+    path = {"a": tmp_path / "a.jsonl", "b": tmp_path / "b.jsonl"}
+    sent = {"a": SentPrompts(), "b": SentPrompts()}
+    server = LocalServer(python=vllm_server_python).start()
+    revived: LocalServer | None = None
+    llm = {name: client(server, sent[name]) for name in ("a", "b")}
+    try:
+        # The uninterrupted seeded run, without a checkpoint.
+        reference = {name: llm[name].generate(job(name), progress=False, **SAMPLING) for name in ("a", "b")}
+        for name in ("a", "b"):
+            assert all("error" not in output for output in reference[name])
+            counts = [output["statistics"]["input_tokens"][0] for output in reference[name]]
+            assert counts == sorted(set(counts)), counts  # each input's result is told by its prompt length
+            sent[name].tags.clear()
+
+        # Both jobs on the same server; kill it once each has saved a few results.
+        running = {
+            "a": in_thread(lambda: run_generate(llm["a"], "a", path["a"])),
+            "b": in_thread(lambda: run_aiter(llm["b"], "b", path["b"])),
+        }
+        deadline = time.monotonic() + CALL_DEADLINE_S
+        while min(saved_count(path["a"]), saved_count(path["b"])) < KILL_AFTER:
+            assert time.monotonic() < deadline, "the jobs saved nothing: the server is stuck"
+            assert all(thread.is_alive() for thread, _ in running.values()), "a job ended before the crash"
+            time.sleep(0.002)
+        crash(server)
+        first = {name: joined(*running[name], f"job {name}") for name in ("a", "b")}
+
+        missing: dict[str, list[int]] = {}
+        for name in ("a", "b"):
+            # Every input came back (generate: a list; aiter_generate: each index once), either done or
+            # failed as unreachable, and what is done is what was saved, once each.
+            outputs = first[name] if name == "a" else [first[name][index] for index in sorted(first[name])]
+            assert len(outputs) == COUNT
+            done = [index for index, output in enumerate(outputs) if "error" not in output]
+            missing[name] = [index for index, output in enumerate(outputs) if "error" in output]
+            assert KILL_AFTER <= len(done) and missing[name], f"job {name} was not cut mid-way: {len(done)} done"
+            assert {outputs[index]["error"].type for index in missing[name]} == {"ServerUnreachableError"}
+            assert all(outputs[index]["generations"] == [None, None] for index in missing[name])
+            saved = records(path[name])
+            assert sorted(record["index"] for record in saved) == done
+            assert all(outputs[index] == reference[name][index] for index in done)
+
+        revived = LocalServer(python=vllm_server_python, port=server.port).start()  # the same base_url
+        assert finished_requests(revived) == 0
+
+        # The same calls again, with the same clients.
+        for name in ("a", "b"):
+            sent[name].tags.clear()
+        second_a = run_generate(llm["a"], "a", path["a"])
+        second_b = run_aiter(llm["b"], "b", path["b"])
+
+        # Only the missing inputs were sent, each once ...
+        assert sorted(sent["a"].tags) == sorted(f"a{index}" for index in missing["a"])
+        assert sorted(sent["b"].tags) == sorted(f"b{index}" for index in missing["b"])
+        # ... and the server generated for nothing else (vLLM counts each of the n=2 sequences as a request).
+        assert finished_requests(revived) == SAMPLING["num_generations"] * (len(missing["a"]) + len(missing["b"]))
+        # generate returns the whole job, saved and new, equal to the uninterrupted run.
+        assert second_a == reference["a"]
+        # aiter_generate yields only what was missing.
+        assert sorted(second_b) == missing["b"]
+        assert all(second_b[index] == reference["b"][index] for index in missing["b"])
+
+        for name in ("a", "b"):
+            saved = records(path[name])
+            assert sorted(record["index"] for record in saved) == list(range(COUNT)), f"job {name}"
+            assert all("error" not in record["output"] for record in saved)
+            assert all(record["output"] == reference[name][record["index"]] for record in saved)
+
+        # Finished: a third call sends nothing.
+        for name in ("a", "b"):
+            sent[name].tags.clear()
+        assert run_generate(llm["a"], "a", path["a"]) == reference["a"]
+        assert run_aiter(llm["b"], "b", path["b"]) == {}
+        assert sent["a"].tags == sent["b"].tags == []
+        assert len(records(path["a"])) == len(records(path["b"])) == COUNT
+    finally:
+        for each in llm.values():
+            each.close()
+        server.stop()
+        if revived is not None:
+            revived.stop()
