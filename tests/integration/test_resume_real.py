@@ -2,11 +2,11 @@
 
 Two jobs, one through ``generate`` and one through ``aiter_generate``, run on a server of this module's
 own; when both have saved some results, the server's whole process group is SIGKILLed (as a crash or the
-OOM killer ends it). Both calls must return soon, with error records for what was unfinished. A new server
-is started on the same port and the same calls are repeated with the same clients: only the inputs without
-a saved result are sent, each checkpoint ends with exactly one record per input and no error, and every
-result equals an uninterrupted run with the same seed. Two server starts in all; the shared ``vllm_server``
-is never used, as tests must not stop it.
+OOM killer ends it). Both calls must return soon, with error records for what was unfinished, and a repeat
+while the server is still down changes nothing. A new server is started on the same port and the same
+calls are repeated with the same clients: only the inputs without a saved result are sent, each checkpoint
+ends with exactly one record per input and no error, and every result equals an uninterrupted run with the
+same seed. Two server starts in all; the shared ``vllm_server`` is never used, as tests must not stop it.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class SentPrompts:
 
     async def hook(self, request: Any) -> None:
         if request.url.path.endswith("/completions"):
-            self.tags += [TAG.search(prompt).group(1) for prompt in json.loads(request.content)["prompt"]]
+            self.tags += [TAG.findall(prompt)[0] for prompt in json.loads(request.content)["prompt"]]
 
 
 def client(server: LocalServer, sent: SentPrompts) -> ClientvLLM:
@@ -160,8 +160,8 @@ def test_a_seeded_job_cut_by_a_server_crash_resumes_to_the_uninterrupted_result(
         reference = {name: llm[name].generate(job(name), progress=False, **SAMPLING) for name in ("a", "b")}
         for name in ("a", "b"):
             assert all("error" not in output for output in reference[name])
-            counts = [output["statistics"]["input_tokens"][0] for output in reference[name]]
-            assert counts == sorted(set(counts)), counts  # each input's result is told by its prompt length
+            counts = [output["statistics"]["input_tokens"][0] or 0 for output in reference[name]]
+            assert 0 < counts[0] and counts == sorted(set(counts)), counts  # a record's input is told by its length
             sent[name].tags.clear()
 
         # Both jobs on the same server; kill it once each has saved a few results.
@@ -191,6 +191,13 @@ def test_a_seeded_job_cut_by_a_server_crash_resumes_to_the_uninterrupted_result(
             saved = records(path[name])
             assert sorted(record["index"] for record in saved) == done
             assert all(outputs[index] == reference[name][index] for index in done)
+
+        # Repeated too early, while the server is still down: the unfinished fail again, nothing is saved.
+        before = path["a"].read_bytes()
+        early = run_generate(llm["a"], "a", path["a"])
+        assert [index for index, output in enumerate(early) if "error" in output] == missing["a"]
+        assert all(early[index] == reference["a"][index] for index in range(COUNT) if index not in missing["a"])
+        assert path["a"].read_bytes() == before
 
         revived = LocalServer(python=vllm_server_python, port=server.port).start()  # the same base_url
         assert finished_requests(revived) == 0
