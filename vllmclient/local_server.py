@@ -356,6 +356,10 @@ class LocalServer:
             "--dtype", "bfloat16",
             "--max-model-len", str(self.max_model_len),
             "--seed", "0",
+            # vLLM CPU's engine dies ("CPU Generator does not use offset") when it prefills a seeded
+            # prompt in chunks, as it does once the prompts arriving together pass one step's token
+            # budget. Unchunked, a prompt waits for the next step instead (extra_args can turn it back on).
+            "--no-enable-chunked-prefill",
         ]
         if self.enforce_eager:
             cmd.append("--enforce-eager")

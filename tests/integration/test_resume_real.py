@@ -6,7 +6,9 @@ OOM killer ends it). Both calls must return soon, with error records for what wa
 while the server is still down changes nothing. A new server is started on the same port and the same
 calls are repeated with the same clients: only the inputs without a saved result are sent, each checkpoint
 ends with exactly one record per input and no error, and every result equals an uninterrupted run with the
-same seed. Two server starts in all; the shared ``vllm_server`` is never used, as tests must not stop it.
+same seed. Before that, the same server shows it survives seeded prompts that exceed one step's token
+budget (which kills vLLM CPU with chunked prefill on). Two server starts in all; the shared ``vllm_server``
+is never used, as tests must not stop it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import signal
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ COUNT = 48  # inputs per job
 SAMPLING: dict[str, Any] = {
     "num_generations": 2, "temperature": 1.0, "seed": 2024, "max_new_tokens": 48, "ignore_eos": True,
 }
-KILL_AFTER = 6  # results each job has saved when the server is killed: clearly under way, far from done
+KILL_AFTER = 4  # results each job has saved when the server is killed: clearly under way, far from done
 CALL_DEADLINE_S = 180.0  # a call still running this long after its server died is hung (it takes seconds)
 NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Henry", "Iris", "Jack"]
 TAG = re.compile(r"\[\[([ab]\d+)\]\]")
@@ -64,10 +66,14 @@ class SentPrompts:
 
 
 def client(server: LocalServer, sent: SentPrompts) -> ClientvLLM:
-    # Small retries and timeout: a dead server must turn into error records within seconds, not minutes.
+    """A job's client. Small retries and timeout: a dead server must give error records within seconds.
+
+    One pack of 2 prompts (x 2 generations) at a time paces the job (~0.3 s a pack here), so the other job,
+    started a moment later, catches up to ``KILL_AFTER`` saved results long before this one is done.
+    """
     llm = ClientvLLM(
         base_url=server.base_url, tokenizer=str(server.model_dir), max_retries=1, timeout=30,
-        max_concurrency=8, pack_size=2, httpx_client_kwargs={"event_hooks": {"request": [sent.hook]}},
+        max_concurrency=4, pack_size=2, httpx_client_kwargs={"event_hooks": {"request": [sent.hook]}},
     )
     llm.load()
     return llm
@@ -152,22 +158,48 @@ def crash(server: LocalServer) -> None:
     server.stop()  # only reaps the dead API server
 
 
+@pytest.fixture(scope="module")
+def own_server(vllm_server_python: str) -> Iterator[LocalServer]:
+    """This module's server; the resume test kills it, so it runs last."""
+    with LocalServer(python=vllm_server_python) as server:
+        yield server
+
+
+def test_seeded_prompts_over_a_step_budget_do_not_kill_the_server(own_server: LocalServer) -> None:
+    """vLLM CPU's engine dies ("CPU Generator does not use offset") when a seeded prompt is prefilled in
+    chunks, which happens as soon as the prompts arriving together exceed one step's token budget (2,048 on
+    CPU): LocalServer turns chunked prefill off. Four ~720-token prompts in one pack, never seen before (no
+    prefix cache to shorten them).
+    """
+    story = "Anna sees the ball in the park every morning. " * 70
+    inputs = [[{"role": "user", "content": f"[[s{i}]] {story}"}] for i in range(4)]
+    with ClientvLLM(
+        base_url=own_server.base_url, tokenizer=str(own_server.model_dir), pack_size=4, max_retries=0
+    ) as llm:
+        packed = llm.generate(inputs, seed=7, max_new_tokens=8, progress=False)
+        assert [output["error"] for output in packed if "error" in output] == []
+        assert own_server.running
+        assert sum(output["statistics"]["input_tokens"][0] or 0 for output in packed) > 2048
+        alone = [llm.generate([conversation], seed=7, max_new_tokens=8)[0] for conversation in inputs]
+    assert [sampled(output) for output in packed] == [sampled(output) for output in alone]
+
+
 def test_a_seeded_job_cut_by_a_server_crash_resumes_to_the_uninterrupted_result(
-    vllm_server_python: str, tmp_path: Path
+    own_server: LocalServer, vllm_server_python: str, tmp_path: Path
 ) -> None:
     path = {"a": tmp_path / "a.jsonl", "b": tmp_path / "b.jsonl"}
     sent = {"a": SentPrompts(), "b": SentPrompts()}
-    server = LocalServer(python=vllm_server_python).start()
+    server = own_server
     revived: LocalServer | None = None
     llm = {name: client(server, sent[name]) for name in ("a", "b")}
     try:
-        # The uninterrupted seeded run, without a checkpoint.
-        reference = {name: llm[name].generate(job(name), progress=False, **SAMPLING) for name in ("a", "b")}
+        # The uninterrupted seeded run, without a checkpoint (and unpaced: the seed makes packing irrelevant).
+        with ClientvLLM(base_url=server.base_url, tokenizer=str(server.model_dir), max_retries=1) as plain:
+            reference = {name: plain.generate(job(name), progress=False, **SAMPLING) for name in ("a", "b")}
         for name in ("a", "b"):
-            assert all("error" not in output for output in reference[name])
+            assert [output["error"] for output in reference[name] if "error" in output] == []
             counts = [output["statistics"]["input_tokens"][0] or 0 for output in reference[name]]
             assert 0 < counts[0] and counts == sorted(set(counts)), counts  # a record's input is told by its length
-            sent[name].tags.clear()
 
         # Both jobs on the same server; kill it once each has saved a few results.
         running = {
@@ -245,6 +277,5 @@ def test_a_seeded_job_cut_by_a_server_crash_resumes_to_the_uninterrupted_result(
     finally:
         for each in llm.values():
             each.close()
-        server.stop()
         if revived is not None:
             revived.stop()
