@@ -164,6 +164,26 @@ def test_unreachable_server_names_the_url_and_vllm_serve(tokenizer_dir):
     llm.close()
 
 
+def test_a_refused_connection_is_not_called_a_timeout(tokenizer_dir):
+    """Nothing listens: the server "could not be reached"; saying it "did not answer in time" sends the user
+    to raise ``timeout``. (The SDK's aiohttp transport maps aiohttp's ClientConnectorError to httpx's
+    ConnectTimeout, so the SDK raises APITimeoutError for a refused connection too.)"""
+    port = _closed_port()
+    llm = ClientvLLM(base_url=f"http://127.0.0.1:{port}", tokenizer=tokenizer_dir, max_retries=0)
+    with pytest.raises(ServerUnreachableError) as info:
+        llm.load()
+    llm.close()
+    assert "could not be reached" in str(info.value) and "did not answer in time" not in str(info.value)
+
+
+def test_a_server_slower_than_timeout_did_not_answer_in_time(fake_vllm, tokenizer_dir):
+    with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=tokenizer_dir, max_retries=0, timeout=0.2) as llm:
+        fake_vllm.latency = 2.0
+        output = llm.generate([user("x")], max_new_tokens=4, progress=False)[0]
+    assert output["error"].type == "ServerUnreachableError"
+    assert "did not answer in time" in output["error"].message
+
+
 def test_wrong_api_key_is_an_authentication_error(make_fake_vllm, tokenizer_dir, monkeypatch):
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
     server = make_fake_vllm(api_key="right")
