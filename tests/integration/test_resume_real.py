@@ -104,7 +104,7 @@ def sampled(output: GenerateOutput | dict[str, Any]) -> dict[str, Any]:
 def records(path: Path) -> list[dict[str, Any]]:
     """The checkpoint's result lines (after its header); every line must be whole JSON."""
     lines = path.read_text(encoding="utf-8").splitlines()
-    assert json.loads(lines[0])["format"] == "vllmclient-checkpoint-1"
+    assert json.loads(lines[0])["format"].startswith("vllmclient-checkpoint-")
     return [json.loads(line) for line in lines[1:]]
 
 
