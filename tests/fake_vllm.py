@@ -47,6 +47,7 @@ import json
 import random
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -618,6 +619,7 @@ class FakeVLLM:
         port: int = 0,
         version: str = VERSION,
         reasoning_parser: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.tokenizer_dir = Path(tokenizer_dir)
         self._tok = _get_tok(self.tokenizer_dir)
@@ -637,6 +639,7 @@ class FakeVLLM:
         self.in_flight_sequences = 0
         self.base_url = ""
         self.port = port
+        self.ssl_context = ssl_context  # serve HTTPS with it (base_url is then https://)
         self._created = int(time.time())
         self._fingerprint = f"vllm-{VERSION}-{uuid.uuid4().hex[:8]}"
         self._counter = 0
@@ -658,7 +661,7 @@ class FakeVLLM:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
         self.port = sock.getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
         loop = asyncio.new_event_loop()
         self._loop = loop
         ready = threading.Event()
@@ -706,7 +709,7 @@ class FakeVLLM:
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=5.0,
                                      handler_cancellation=True, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock, backlog=2048).start()
+        await web.SockSite(self._runner, sock, backlog=2048, ssl_context=self.ssl_context).start()
 
     def stop(self) -> None:
         """Stop serving and join the thread (in-flight requests get up to 1 s to finish)."""

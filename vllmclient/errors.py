@@ -6,7 +6,9 @@
     ├── ConfigurationError           a setting or the environment cannot work (also ValueError)
     ├── InvalidInputError            a conversation or a sampling parameter is malformed (also ValueError)
     ├── APIError                     the server answered with an error, or could not be reached
-    │   ├── ServerUnreachableError   no connection or no answer in time, after the SDK's retries
+    │   ├── ServerUnreachableError   could not connect (refused, unknown host, TLS), after the SDK's retries
+    │   ├── ConnectionLostError      the connection dropped before the answer was complete, after the retries
+    │   ├── ServerTimeoutError       no answer within ``timeout`` seconds (sent once: see ``from_openai``)
     │   ├── AuthenticationError      401/403: missing or wrong API key
     │   ├── ModelNotFoundError       404: the model is not served
     │   ├── BadRequestError          400/422: the server rejected the request
@@ -36,12 +38,14 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "ConfigurationError",
+    "ConnectionLostError",
     "GenerationFailedError",
     "InvalidInputError",
     "LocalServerError",
     "ModelNotFoundError",
     "PromptTooLongError",
     "ServerError",
+    "ServerTimeoutError",
     "ServerUnreachableError",
     "UnknownFieldWarning",
     "VLLMClientError",
@@ -90,7 +94,15 @@ class APIError(VLLMClientError):
 
 
 class ServerUnreachableError(APIError):
-    """No connection, or no answer within the timeout, after the SDK's retries."""
+    """No connection could be made (refused, unknown host, TLS failure), after the SDK's retries."""
+
+
+class ConnectionLostError(APIError):
+    """The connection dropped before the answer was complete (the server crashed or restarted), after retries."""
+
+
+class ServerTimeoutError(APIError):
+    """The server did not answer within ``timeout`` seconds; the request was sent once."""
 
 
 class AuthenticationError(APIError):
