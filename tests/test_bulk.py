@@ -376,7 +376,7 @@ def test_invalid_and_too_long_inputs_fail_locally_and_are_not_sent(make_fake_vll
     ("inject", "error_type", "status_code"),
     [
         (lambda server: server.fail_next(500), "ServerError", 500),
-        (lambda server: server.drop_next(), "ServerUnreachableError", None),
+        (lambda server: server.drop_next(), "ConnectionLostError", None),
     ],
     ids=["500", "dropped-connection"],
 )

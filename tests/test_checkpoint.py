@@ -51,7 +51,9 @@ def test_resume_after_the_server_died_sends_only_what_is_missing(tokenizer_dir, 
     succeeded = [i for i, output in enumerate(first) if "error" not in output]
     failed = [i for i, output in enumerate(first) if "error" in output]
     assert succeeded and failed
-    assert all(first[i]["error"].type == "ServerUnreachableError" for i in failed)
+    # refused once it is gone; a request on a connection it closed as it stopped saw that connection drop
+    assert {first[i]["error"].type for i in failed} <= {"ServerUnreachableError", "ConnectionLostError"}
+    assert any(first[i]["error"].type == "ServerUnreachableError" for i in failed)
     saved = path.read_text().splitlines()
     assert len(saved) == 1 + len(succeeded)  # a header, then one line per finished input
 

@@ -20,6 +20,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 
 import vllmclient
@@ -200,27 +201,46 @@ def test_a_dropped_connection_is_retried_then_named(fake_vllm, tokenizer_dir, mo
     assert retry_counts(fake_vllm, path) == ["0", "1"]
 
 
+def test_error_answers_keep_the_sdks_retries(fake_vllm, tokenizer_dir):
+    with make_client(fake_vllm.base_url, "chat", tokenizer_dir, max_retries=2) as llm:
+        fake_vllm.fail_next(503, path=PATHS["chat"], times=2)
+        output = llm.generate(tagged(1), max_new_tokens=4)[0]
+    assert "error" not in output and retry_counts(fake_vllm, PATHS["chat"]) == ["0", "1", "2"]
+
+
 # -- no answer within timeout -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_generation_slower_than_timeout_is_sent_once_and_names_the_timeout(fake_vllm, tokenizer_dir, mode):
     path = PATHS[mode]
-    with make_client(fake_vllm.base_url, mode, tokenizer_dir, timeout=0.3, max_retries=2) as llm:
-        fake_vllm.latency = 1.5
+    with make_client(fake_vllm.base_url, mode, tokenizer_dir, timeout=0.8, max_retries=2) as llm:
+        fake_vllm.latency = 3.0
         error = llm.generate(tagged(1), max_new_tokens=4)[0]["error"]
         assert error.type == "ServerTimeoutError" and isinstance(error.exception, ServerTimeoutError)
-        assert "timeout=0.3" in error.message and "raise" in error.message
+        assert "timeout=0.8 seconds" in error.message and "raise timeout=" in error.message
         assert "unreachable" not in error.message and "running?" not in error.message
         assert retry_counts(fake_vllm, path) == ["0"]
 
         fake_vllm.clear()
-        with pytest.raises(ServerTimeoutError, match=r"timeout=0\.3"):
+        with pytest.raises(ServerTimeoutError, match=r"timeout=0\.8 seconds"):
             asyncio.run(llm.agenerate(user("[[q0]] hi"), max_new_tokens=4))
         assert retry_counts(fake_vllm, path) == ["0"]
 
         fake_vllm.latency = 0.0  # the client is not broken by a timeout
         assert llm.generate(tagged(1), max_new_tokens=4)[0]["generations"][0].split()[0] == "q0"
+
+
+def test_requests_never_wait_for_a_pooled_connection_against_their_timeout(fake_vllm, tokenizer_dir):
+    """With fewer connections than slots, requests wait for a connection in the client's queue, where the
+    wait does not count against ``timeout``, never in the pool (where it would, and slots would sit idle)."""
+    fake_vllm.latency = 0.3
+    kwargs = {"limits": httpx2.Limits(max_connections=2)}
+    with make_client(fake_vllm.base_url, "chat", tokenizer_dir, max_concurrency=8, timeout=1.0, max_retries=0,
+                     httpx_client_kwargs=kwargs) as llm:
+        outputs = llm.generate(tagged(12), max_new_tokens=4)  # the last waits ~1.5 s for a connection
+    assert [output.get("error") for output in outputs] == [None] * 12
+    assert fake_vllm.max_in_flight_requests == 2
 
 
 # -- the open-file limit ----------------------------------------------------------------------------
@@ -262,7 +282,7 @@ _OUT_OF_DESCRIPTORS = textwrap.dedent("""
 
 def _run_child(script: str, *args: object) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=180,
+        [sys.executable, "-c", script, *map(str, args)], check=False, capture_output=True, text=True, timeout=180,
         cwd=_PACKAGE_ROOT, env={**os.environ, "PYTHONPATH": _PACKAGE_ROOT},
     )
     assert done.returncode == 0, done.stderr[-3000:]

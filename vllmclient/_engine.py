@@ -12,6 +12,7 @@ import contextvars
 import json
 import logging
 import math
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -171,11 +172,87 @@ async def _on_response(response: httpx2.Response) -> None:
         ticket.leave()
 
 
-def http_client(kwargs: dict[str, Any] | None) -> openai.DefaultAioHttpClient:
-    """The SDK's aiohttp-backed HTTP client, with the hooks that count capacity.
+_SAFE_OPEN_FILES = 1024
+"""A soft open-file limit below this is raised to it (within the hard limit): it is Linux's default, and
+descriptors stay below select()'s FD_SETSIZE, so nothing else in the process can break."""
 
-    They run before the user's own: a request hook (e.g. one that signs) then runs just before the
-    send, and a slow response hook does not keep the server's slots.
+
+def _connection_budget() -> int:
+    """How many connections one client may hold open: half the process's open-file limit, at most the SDK's
+    default; a soft limit below ``_SAFE_OPEN_FILES`` (macOS's is 256) is raised toward it first."""
+    most = openai.DEFAULT_CONNECTION_LIMITS.max_connections or 1000
+    try:
+        import resource
+    except ImportError:  # Windows: sockets are not counted against a file limit
+        return most
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < _SAFE_OPEN_FILES:
+        wanted = _SAFE_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, _SAFE_OPEN_FILES)
+        if wanted > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+                logger.debug("vllmclient: raised the soft open-file limit from %d to %d", soft, wanted)
+                soft = wanted
+            except (ValueError, OSError):  # e.g. a sandbox that forbids it: the budget below still holds
+                pass
+    return most if soft == resource.RLIM_INFINITY else max(1, min(most, soft // 2))
+
+
+class _SendOnce(httpx2.AsyncBaseTransport):
+    """Stops the SDK's retries where sending again cannot help; everything else goes to the SDK as is.
+
+    - No answer within ``timeout``: the server was generating. vLLM aborts a request whose client went
+      away, so a re-send starts the generation from scratch, at the back of the queue, and will most
+      likely need as long again: with the SDK's retries a 130 s generation under ``timeout=120`` ran 7
+      times (15 minutes) before failing. Sent once, it fails after ``timeout`` with advice to raise it.
+    - A TLS certificate that fails verification fails the same way a few seconds later.
+
+    Raising an ``openai.OpenAIError`` is how: the SDK passes those on without retrying. Connection errors
+    (refused, dropped: a restart, a stale pooled connection) and 408/409/429/5xx answers keep the retries.
+    """
+
+    def __init__(self, transport: httpx2.AsyncBaseTransport) -> None:
+        self.transport = transport
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        try:
+            return await self.transport.handle_async_request(request)
+        except httpx2.ReadTimeout as exc:
+            raise openai.APITimeoutError(request=request) from exc
+        except httpx2.TransportError as exc:
+            cause: BaseException | None = exc
+            while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise openai.APIConnectionError(request=request) from exc
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+class _HTTPClient(openai.DefaultAioHttpClient):
+    """The SDK's aiohttp-backed client with every transport (proxied ones too) wrapped in ``_SendOnce``.
+
+    ``connections`` is the size of its connection pool: the engine never has more requests in flight, so a
+    request holding server slots never waits for a connection (nor has that wait count against ``timeout``).
+    """
+
+    connections: int
+
+    def _init_transport(self, *args: Any, **kwargs: Any) -> httpx2.AsyncBaseTransport:
+        return _SendOnce(super()._init_transport(*args, **kwargs))
+
+    def _init_proxy_transport(self, *args: Any, **kwargs: Any) -> httpx2.AsyncBaseTransport:
+        return _SendOnce(super()._init_proxy_transport(*args, **kwargs))
+
+
+def http_client(kwargs: dict[str, Any] | None) -> _HTTPClient:
+    """The SDK's aiohttp-backed HTTP client, with the hooks that count capacity, sized to the open-file limit.
+
+    The hooks run before the user's own: a request hook (e.g. one that signs) then runs just before the
+    send, and a slow response hook does not keep the server's slots. ``limits`` in ``kwargs`` wins over
+    the default pool size, but the engine still keeps its requests within the open-file budget.
     """
     kwargs = dict(kwargs or {})
     user = kwargs.pop("event_hooks", None) or {}
@@ -183,7 +260,17 @@ def http_client(kwargs: dict[str, Any] | None) -> openai.DefaultAioHttpClient:
         "request": [_on_request, *user.get("request", ())],
         "response": [_on_response, *user.get("response", ())],
     }
-    return openai.DefaultAioHttpClient(event_hooks=hooks, **kwargs)
+    budget = _connection_budget()
+    if "limits" not in kwargs:
+        default = openai.DEFAULT_CONNECTION_LIMITS
+        kwargs["limits"] = httpx2.Limits(
+            max_connections=budget,
+            max_keepalive_connections=min(budget, default.max_keepalive_connections or budget),
+            keepalive_expiry=default.keepalive_expiry,
+        )
+    client = _HTTPClient(event_hooks=hooks, **kwargs)
+    client.connections = min(budget, kwargs["limits"].max_connections or budget)
+    return client
 
 
 class Engine:
@@ -197,21 +284,25 @@ class Engine:
         served_models: list[str],
         max_concurrency: int,
         pack_size: int | None,
+        connections: int = 1000,
     ) -> None:
         self.aclient = aclient
         self.base_url = base_url
         self.served_models = served_models
         self.capacity = Capacity(max_concurrency)
+        self.connections = Capacity(connections)  # requests in flight: at most one per pooled connection
         self.sizer = PackSizer(pack_size)
 
     async def post(self, path: str, body: dict[str, Any], sequences: int) -> tuple[Any, str]:
         """One request through the SDK (its retries and timeouts), JSON decoded without model parsing.
 
-        ``sequences`` is what the request holds of the capacity while the server works on it. The request
-        carries an ``X-Request-Id`` of ours (vLLM names the request after it in its log, and in the answer's
-        ``id``); it is returned with the data and set on any error, so every result can be traced.
+        ``sequences`` is what the request holds of the capacity while the server works on it. A connection
+        is taken first, before any slot, and kept until the answer is read: the pool never makes it wait.
+        The request carries an ``X-Request-Id`` of ours (vLLM names the request after it in its log, and in
+        the answer's ``id``); it is returned with the data and set on any error, so every result can be traced.
         """
         request_id = f"vllmclient-{uuid.uuid4().hex}"
+        await self.connections.acquire(1)
         ticket = _Ticket(self.capacity, sequences)
         token = _ticket.set(ticket)
         try:
@@ -226,6 +317,7 @@ class Engine:
         finally:
             _ticket.reset(token)
             ticket.leave()
+            self.connections.release(1)
         if ticket.seconds is not None:
             self.sizer.observe(ticket.seconds)
         return data, request_id
@@ -236,8 +328,12 @@ class Engine:
     async def _call(self, sending: Any) -> Any:
         try:
             response = await sending
-        except openai.OpenAIError as exc:
-            raise from_openai(exc, base_url=self.base_url, served_models=self.served_models) from exc
+        except (openai.OpenAIError, OSError) as exc:  # OSError: e.g. out of file descriptors, under the SDK
+            timeout = self.aclient.timeout
+            seconds = timeout.read if isinstance(timeout, httpx2.Timeout) else timeout
+            raise from_openai(
+                exc, base_url=self.base_url, served_models=self.served_models, timeout=seconds
+            ) from exc
         try:
             return json.loads(response.content)
         except ValueError as exc:

@@ -63,7 +63,7 @@ _RUNTIME_PARAMETERS = {
     "base_url": "The base URL of the vLLM server, with or without the trailing /v1.",
     "api_key": "The API key the server was started with (--api-key); defaults to $VLLM_API_KEY.",
     "max_retries": "How many times the SDK retries a failed request (connection errors, 408/409/429/5xx).",
-    "timeout": "Seconds to wait for each request before the SDK gives up on it (then retries).",
+    "timeout": "Seconds the server may take to answer a request; one that takes longer fails and is not re-sent.",
     "httpx_client_kwargs": "Extra keyword arguments for the HTTP client the SDK uses (limits, verify, proxy, ...).",
     "max_concurrency": "The most sequences (prompts x num_generations) the server works on at once.",
     "structured_output": "distilabel's {'schema': <pydantic model class or JSON schema>, 'format': 'json'}: the "
@@ -105,7 +105,15 @@ class ClientvLLM(BaseModel):
     base_url: str = "http://localhost:8000"
     api_key: SecretStr = Field(default_factory=_default_api_key)
     max_retries: int = Field(default=6, ge=0)
+    """Retries by the SDK, with exponential back-off, of a request that could not connect, whose connection
+    dropped, or that was answered 408/409/429/5xx. Not of one that outlasted ``timeout`` (see there), nor
+    after a TLS certificate failed verification (it would fail again)."""
     timeout: float = Field(default=120, gt=0, allow_inf_nan=False)  # inf: OverflowError at load
+    """Seconds the server may take to answer one request (a pack of prompts, or one chat), counted from the
+    send: waiting for a free slot of ``max_concurrency`` does not count. A request that outlasts it fails
+    with ``ServerTimeoutError`` and is sent once only, whatever ``max_retries``: vLLM aborts a generation
+    whose client went away, so a re-send would start it over and most likely take as long again. Raise it
+    for long generations. Also the limit for opening a connection."""
     httpx_client_kwargs: dict[str, Any] | None = None
     default_headers: dict[str, str] | None = None
     tokenizer: str | None = None
@@ -365,6 +373,7 @@ class ClientvLLM(BaseModel):
             served_models=[],
             max_concurrency=self.max_concurrency,
             pack_size=self.pack_size,
+            connections=transport.connections,
         )
         try:
             cards = parse_models(await engine.get("/models"))

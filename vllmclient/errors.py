@@ -8,7 +8,7 @@
     ├── APIError                     the server answered with an error, or could not be reached
     │   ├── ServerUnreachableError   could not connect (refused, unknown host, TLS), after the SDK's retries
     │   ├── ConnectionLostError      the connection dropped before the answer was complete, after the retries
-    │   ├── ServerTimeoutError       no answer within ``timeout`` seconds (sent once: see ``from_openai``)
+    │   ├── ServerTimeoutError       no answer within ``timeout`` seconds; sent once, never re-sent
     │   ├── AuthenticationError      401/403: missing or wrong API key
     │   ├── ModelNotFoundError       404: the model is not served
     │   ├── BadRequestError          400/422: the server rejected the request
@@ -21,14 +21,19 @@ And one warning, ``UnknownFieldWarning`` (a ``UserWarning``): an ``extra_body`` 
 which it would ignore without a word.
 
 Every ``APIError`` keeps the server's own ``message``, the HTTP ``status_code`` and the ``request_id``
-when the server sent one; the SDK exception it wraps is its ``__cause__``.
+when the server sent one; the SDK exception it wraps is its ``__cause__``. A process out of file
+descriptors is a ``ConfigurationError`` (a local limit), not the server's failure.
 """
 
 from __future__ import annotations
 
+import errno
 import re
+import socket
+import ssl
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from .results import GenerationError
@@ -191,17 +196,15 @@ def _prompt_too_long(server_message: str, common: dict[str, Any]) -> PromptTooLo
     return None
 
 
-def from_openai(exc: BaseException, *, base_url: str, served_models: Sequence[str] = ()) -> APIError:
-    """Translate an openai SDK exception into ours, keeping the server's words and status."""
+def from_openai(
+    exc: BaseException, *, base_url: str, served_models: Sequence[str] = (), timeout: float | None = None
+) -> VLLMClientError:
+    """Translate an openai SDK exception (or an ``OSError`` from under it) into ours, keeping the server's
+    words and status; ``timeout`` is the client's, for the message of a request that outlasted it."""
     import openai
 
-    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
-        what = "did not answer in time" if isinstance(exc, openai.APITimeoutError) else "could not be reached"
-        cause = f"; {exc.__cause__.__class__.__name__}: {exc.__cause__}" if exc.__cause__ else ""
-        return ServerUnreachableError(
-            f"The vLLM server at {base_url} {what} ({exc.__class__.__name__}: {exc}{cause}). "
-            "Is it running? Start one with `vllm serve <model>` (or vllmclient.LocalServer) and check base_url."
-        )
+    if isinstance(exc, (openai.APIConnectionError, OSError)):  # APIConnectionError includes APITimeoutError
+        return _network_error(exc, base_url, timeout)
     if not isinstance(exc, openai.APIStatusError):
         return APIError(str(exc) or exc.__class__.__name__, body=getattr(exc, "body", None))
 
@@ -239,3 +242,105 @@ def from_openai(exc: BaseException, *, base_url: str, served_models: Sequence[st
     if status >= 500:
         return ServerError(f"The vLLM server failed (HTTP {status}): {server_message}", **common)
     return APIError(f"HTTP {status} from {base_url}: {server_message}", **common)
+
+
+def _network_error(exc: BaseException, base_url: str, timeout: float | None) -> VLLMClientError:
+    """Name a failure without an answer by its root cause, found down the ``__cause__`` chain.
+
+    The SDK's aiohttp transport reports every connection error as ``ConnectTimeout`` and the SDK then
+    raises ``APITimeoutError``, so the exception itself says little; aiohttp's and the OS's errors under
+    it say what happened.
+    """
+    import aiohttp
+    import httpx2
+    import openai
+
+    chain = _causes(exc)
+
+    def find(*types: type[BaseException]) -> Any:
+        return next((e for e in reversed(chain) if isinstance(e, types)), None)  # the innermost: the OS's
+
+    detail = f"{chain[-1].__class__.__name__}: {chain[-1]}"
+    parts = urlsplit(base_url)
+    seconds = f"timeout={timeout:g}" if timeout is not None else "timeout"
+    for error in chain:
+        if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+            return ConfigurationError(
+                f"this process ran out of file descriptors (open-file limit {_open_file_limit()}): raise it with "
+                "`ulimit -n 4096` in the shell that starts Python, or lower max_concurrency "
+                f"({error.__class__.__name__}: {error})"
+            )
+    if certificate := find(ssl.SSLCertVerificationError):
+        return ServerUnreachableError(
+            f"Could not connect to the vLLM server at {base_url}: its TLS certificate failed verification "
+            f"({certificate.verify_message or certificate}). If you trust it, pass httpx_client_kwargs="
+            "{'verify': ssl.create_default_context(cafile='server-ca.pem')}; if the server speaks plain HTTP "
+            "(vLLM does unless started with --ssl-certfile), use http:// in base_url."
+        )
+    if handshake := find(ssl.SSLError):
+        return ServerUnreachableError(
+            f"Could not connect to the vLLM server at {base_url}: the TLS handshake failed "
+            f"({handshake.reason or handshake}). Is the server serving HTTPS? vLLM serves plain HTTP unless "
+            f"started with --ssl-keyfile/--ssl-certfile: try base_url='http://{parts.netloc}{parts.path}'."
+        )
+    if find(socket.gaierror):
+        return ServerUnreachableError(
+            f"Could not connect to the vLLM server at {base_url}: the host name {parts.hostname!r} could not be "
+            f"resolved ({detail}). Check its spelling, or use the server's IP address."
+        )
+    if find(ConnectionRefusedError) or any(f"[Errno {errno.ECONNREFUSED}]" in str(e) for e in chain):
+        return ServerUnreachableError(
+            f"Could not connect to the vLLM server at {base_url}: the connection was refused (nothing listens "
+            f"on {parts.netloc}). Is it running? Start one with `vllm serve <model>` (or vllmclient.LocalServer) "
+            "and check the host and port in base_url."
+        )
+    if find(aiohttp.ConnectionTimeoutError, httpx2.PoolTimeout) or (
+        isinstance(chain[-1], httpx2.ConnectTimeout)  # httpx2's own transport: a real connect timeout
+    ):
+        return ServerUnreachableError(
+            f"Could not connect to the vLLM server at {base_url}: no connection within {seconds} seconds "
+            f"({detail}). Check the host and port in base_url, and that no firewall drops the connection."
+        )
+    if find(aiohttp.SocketTimeoutError, httpx2.ReadTimeout):
+        return ServerTimeoutError(
+            f"The vLLM server at {base_url} did not answer within {seconds} seconds. The request was not "
+            "re-sent: a generation that outlasted the timeout would most likely take as long again. For long "
+            "generations raise timeout= (e.g. ClientvLLM(..., timeout=600)) or lower max_new_tokens."
+        )
+    if find(aiohttp.ClientConnectorError, httpx2.ConnectError):
+        return ServerUnreachableError(
+            f"Could not connect to the vLLM server at {base_url} ({detail}). Check base_url and that the server "
+            "is running and reachable from here."
+        )
+    if find(aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError,
+            httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError, ConnectionError):
+        return ConnectionLostError(
+            f"The connection to the vLLM server at {base_url} dropped before the answer was complete ({detail}), "
+            "on every attempt (1 + max_retries). The server crashed or restarted? Check its log; with "
+            "generate(..., checkpoint=...) a re-run sends only the inputs that failed."
+        )
+    if not isinstance(exc, openai.APIConnectionError):  # an OSError from under the SDK, not about the server
+        return APIError(f"Sending to the vLLM server at {base_url} failed in this process ({detail})")
+    return ServerUnreachableError(
+        f"The vLLM server at {base_url} could not be reached ({exc.__class__.__name__}: {exc}; {detail}). "
+        "Is it running? Start one with `vllm serve <model>` (or vllmclient.LocalServer) and check base_url."
+    )
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what caused it, outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _open_file_limit() -> str:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return "unknown"
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
