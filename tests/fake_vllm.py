@@ -647,6 +647,7 @@ class FakeVLLM:
         self._faults: dict[str, deque[_Fault]] = {}
         self._prompt_failures: dict[str, tuple[int, str | None]] = {}
         self._breaks: dict[str, int] = {}
+        self._slow_prompts: dict[str, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -801,6 +802,12 @@ class FakeVLLM:
         guided = match is not None and (int(match.group(1)), int(match.group(2))) < (0, 12)
         return _read_constraint(body, guided)
 
+    def slow_prompts_containing(self, marker: str, seconds: float) -> None:
+        """Answer any completions/chat request whose prompt (or message) contains ``marker`` after
+        ``seconds`` (instead of ``latency``): one generation much longer than the others."""
+        with self._lock:
+            self._slow_prompts[marker] = seconds
+
     def drop_next(self, *, path: str = "/v1/completions", times: int = 1, match: str | None = None) -> None:
         """Close the connection without answering the next ``times`` requests to ``path``."""
         self._add_fault(path, _Fault("drop", times), match)
@@ -833,6 +840,7 @@ class FakeVLLM:
             self._faults.clear()
             self._prompt_failures.clear()
             self._breaks.clear()
+            self._slow_prompts.clear()
 
     def requests_to(self, path: str) -> list[Recorded]:
         """Recorded requests whose path is ``path``."""
@@ -1043,16 +1051,18 @@ class FakeVLLM:
             raise _vllm_validation(f"min_tokens must be less than or equal to max_tokens={mt}, got {min_tokens}.")
         return mt
 
-    async def _engine(self, sequences: int) -> None:
-        """Account for in-flight work and sleep ``latency``."""
+    async def _engine(self, sequences: int, texts: list[str]) -> None:
+        """Account for in-flight work and sleep ``latency`` (or a slow prompt's time)."""
         with self._lock:
             self.in_flight_requests += 1
             self.in_flight_sequences += sequences
             self.max_in_flight_requests = max(self.max_in_flight_requests, self.in_flight_requests)
             self.max_in_flight_sequences = max(self.max_in_flight_sequences, self.in_flight_sequences)
-        if self.latency > 0:
+            slow = [seconds for marker, seconds in self._slow_prompts.items() if any(marker in t for t in texts)]
+        delay = max(slow, default=self.latency)
+        if delay > 0:
             try:
-                await asyncio.sleep(self.latency)
+                await asyncio.sleep(delay)
             except asyncio.CancelledError:  # the client went away: it is no longer in flight
                 self._engine_done(sequences, answered=False)
                 raise
@@ -1211,7 +1221,7 @@ class FakeVLLM:
         sequences = len(prompts) * n
         request_id = f"cmpl-{self._request_id(request, body)}"
         answered = False
-        await self._engine(sequences)
+        await self._engine(sequences, [t for t, _, _ in prompts])
         try:
             results: list[tuple[int, _Choice]] = []
             for (text, ids, _), limit in zip(prompts, limits, strict=True):
@@ -1404,7 +1414,7 @@ class FakeVLLM:
             constraint=self._constraint(body))
         request_id = f"chatcmpl-{self._request_id(request, body)}"
         answered = False
-        await self._engine(n)
+        await self._engine(n, texts)
         try:
             choices = [_generate(self._tok, prompt, j, tag, True, params,
                                  params.constraint is not None and self._take_break(prompt)) for j in range(n)]

@@ -231,6 +231,19 @@ def test_a_generation_slower_than_timeout_is_sent_once_and_names_the_timeout(fak
         assert llm.generate(tagged(1), max_new_tokens=4)[0]["generations"][0].split()[0] == "q0"
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_one_slow_generation_fails_only_its_own_input(fake_vllm, tokenizer_dir, mode):
+    """A server slow on one input is alive: the inputs after it are sent as usual (not failed as unreachable)."""
+    fake_vllm.slow_prompts_containing("[[q0]]", 3.0)
+    with make_client(fake_vllm.base_url, mode, tokenizer_dir, timeout=0.8, max_retries=2, max_concurrency=1,
+                     pack_size=1) as llm:
+        outputs = llm.generate(tagged(4), max_new_tokens=4)  # one at a time: q0 times out before q1 is sent
+    assert outputs[0]["error"].type == "ServerTimeoutError"
+    assert [output.get("error") for output in outputs[1:]] == [None] * 3
+    assert [output["generations"][0].split()[0] for output in outputs[1:]] == ["q1", "q2", "q3"]
+    assert retry_counts(fake_vllm, PATHS[mode]) == ["0"] * 4
+
+
 def test_requests_never_wait_for_a_pooled_connection_against_their_timeout(fake_vllm, tokenizer_dir):
     """With fewer connections than slots, requests wait for a connection in the client's queue, where the
     wait does not count against ``timeout``, never in the pool (where it would, and slots would sit idle)."""
