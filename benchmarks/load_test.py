@@ -18,14 +18,15 @@ echoes its own input's tag) or as an error record naming that index; that the po
 and that the error records, by kind, are exactly what the server's own count of final faults predicts:
 
 - ``PromptTooLongError`` (400): the poison 400s the server sent for a single prompt;
-- ``ServerError`` 500/502/503, ``APIError`` 429, ``ServerUnreachableError`` (reset, cut): the prompts of
+- ``ServerError`` 500/502/503, ``APIError`` 429, ``ConnectionLostError`` (reset, cut): the prompts of
   requests that got that fault on their last try (``x-stainless-retry-count == max_retries``);
 - ``APIError`` 200 (unreadable answer): every ``truncated`` fault, whatever the try; the SDK does not
   retry a 200, so one fails its whole pack.
 
 One kind the server cannot count, as nothing reached it: once a request could not connect even after its
-retries (a final reset or cut), the client fails the packs it sends next with ``ServerUnreachableError``
-"Not sent: ..." until a request gets through. Those are allowed only after such a final fault, and reported.
+retries, the client fails the packs it sends next with ``ServerUnreachableError`` "Not sent: ..." until a
+request gets through. None of these faults is a failure to connect (a reset or a cut connection was
+accepted first: ``ConnectionLostError``), so here any such record is a problem.
 
 Peak RSS (``ru_maxrss``) is sampled after each tenth of the outputs of an ``aiter_generate`` run;
 flat means the last sample is within 10% of the first. ``generate`` keeps every result, so its RSS grows
@@ -65,13 +66,13 @@ if ROOT not in sys.path:
 APIS = ("completions", "chat")
 CALLS = ("aiter_generate", "generate")
 POISON = "~poison~"
-NOT_SENT = "ServerUnreachableError, not sent"  # the client gave up on the server after a final connection fault
+NOT_SENT = "ServerUnreachableError, not sent"  # the client gave up on a server it could not connect to
 WORDS = ("river", "garden", "window", "letter", "engine", "market", "winter", "island", "silver", "forest",
          "signal", "vector", "kernel", "buffer", "packet", "thread", "token", "batch", "queue", "quiet")
 # Fault kind → the error record it leaves when it is final: (type, status_code).
 FAULT_RECORDS = {
     "500": ("ServerError", 500), "502": ("ServerError", 502), "503": ("ServerError", 503),
-    "429": ("APIError", 429), "reset": ("ServerUnreachableError", None), "cut": ("ServerUnreachableError", None),
+    "429": ("APIError", 429), "reset": ("ConnectionLostError", None), "cut": ("ConnectionLostError", None),
     "truncated": ("APIError", 200),
 }
 RETRIED = frozenset(FAULT_RECORDS) - {"truncated"}  # what the SDK retries

@@ -68,7 +68,7 @@ def test_streamed_inputs_each_end_once_under_faults(api: str, tokenizer_dir: Pat
     if api == "completions":
         assert rec["poison_400s"]["requests"] > rec["poison_400s"]["single"]  # packs were split to find them
     else:
-        assert any(key.startswith(("ServerError", "ServerUnreachableError")) for key in rec["errors"])
+        assert any(key.startswith(("ServerError", "ConnectionLostError")) for key in rec["errors"])
 
 
 @pytest.mark.usefixtures("node")
