@@ -180,8 +180,8 @@ def test_a_server_slower_than_timeout_did_not_answer_in_time(fake_vllm, tokenize
     with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=tokenizer_dir, max_retries=0, timeout=0.2) as llm:
         fake_vllm.latency = 2.0
         output = llm.generate([user("x")], max_new_tokens=4, progress=False)[0]
-    assert output["error"].type == "ServerUnreachableError"
-    assert "did not answer in time" in output["error"].message
+    assert output["error"].type == "ServerTimeoutError"  # issue #9: a timeout is not an unreachable server
+    assert "did not answer within timeout=0.2 seconds" in output["error"].message
 
 
 def test_wrong_api_key_is_an_authentication_error(make_fake_vllm, tokenizer_dir, monkeypatch):

@@ -272,25 +272,25 @@ def _network_error(exc: BaseException, base_url: str, timeout: float | None) -> 
             )
     if certificate := find(ssl.SSLCertVerificationError):
         return ServerUnreachableError(
-            f"Could not connect to the vLLM server at {base_url}: its TLS certificate failed verification "
+            f"The vLLM server at {base_url} could not be reached: its TLS certificate failed verification "
             f"({certificate.verify_message or certificate}). If you trust it, pass httpx_client_kwargs="
             "{'verify': ssl.create_default_context(cafile='server-ca.pem')}; if the server speaks plain HTTP "
             "(vLLM does unless started with --ssl-certfile), use http:// in base_url."
         )
     if handshake := find(ssl.SSLError):
         return ServerUnreachableError(
-            f"Could not connect to the vLLM server at {base_url}: the TLS handshake failed "
+            f"The vLLM server at {base_url} could not be reached: the TLS handshake failed "
             f"({handshake.reason or handshake}). Is the server serving HTTPS? vLLM serves plain HTTP unless "
             f"started with --ssl-keyfile/--ssl-certfile: try base_url='http://{parts.netloc}{parts.path}'."
         )
     if find(socket.gaierror):
         return ServerUnreachableError(
-            f"Could not connect to the vLLM server at {base_url}: the host name {parts.hostname!r} could not be "
+            f"The vLLM server at {base_url} could not be reached: the host name {parts.hostname!r} could not be "
             f"resolved ({detail}). Check its spelling, or use the server's IP address."
         )
     if find(ConnectionRefusedError) or any(f"[Errno {errno.ECONNREFUSED}]" in str(e) for e in chain):
         return ServerUnreachableError(
-            f"Could not connect to the vLLM server at {base_url}: the connection was refused (nothing listens "
+            f"The vLLM server at {base_url} could not be reached: the connection was refused (nothing listens "
             f"on {parts.netloc}). Is it running? Start one with `vllm serve <model>` (or vllmclient.LocalServer) "
             "and check the host and port in base_url."
         )
@@ -298,7 +298,7 @@ def _network_error(exc: BaseException, base_url: str, timeout: float | None) -> 
         isinstance(chain[-1], httpx2.ConnectTimeout)  # httpx2's own transport: a real connect timeout
     ):
         return ServerUnreachableError(
-            f"Could not connect to the vLLM server at {base_url}: no connection within {seconds} seconds "
+            f"The vLLM server at {base_url} could not be reached: no connection within {seconds} seconds "
             f"({detail}). Check the host and port in base_url, and that no firewall drops the connection."
         )
     if find(aiohttp.SocketTimeoutError, httpx2.ReadTimeout):
@@ -309,7 +309,7 @@ def _network_error(exc: BaseException, base_url: str, timeout: float | None) -> 
         )
     if find(aiohttp.ClientConnectorError, httpx2.ConnectError):
         return ServerUnreachableError(
-            f"Could not connect to the vLLM server at {base_url} ({detail}). Check base_url and that the server "
+            f"The vLLM server at {base_url} could not be reached ({detail}). Check base_url and that the server "
             "is running and reachable from here."
         )
     if find(aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError,
