@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigurationError, ModelNotFoundError
+from .errors import APIError, ConfigurationError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+    from .formatter import ChatFormatter
+
+logger = logging.getLogger("vllmclient")
 
 
 @dataclass(frozen=True)
@@ -100,8 +107,8 @@ def parse_models(payload: Any) -> list[ModelCard]:
     ]
 
 
-def choose_model(cards: list[ModelCard], wanted: str | None, base_url: str) -> tuple[str, int | None]:
-    """The model to use and its context length.
+def choose_model(cards: list[ModelCard], wanted: str | None, base_url: str) -> str:
+    """The model to use.
 
     An explicit choice must be served. Otherwise the only card, or the one base model among LoRA
     adapters (vLLM lists adapters as cards with a parent); anything else is ambiguous.
@@ -128,7 +135,47 @@ def choose_model(cards: list[ModelCard], wanted: str | None, base_url: str) -> t
                 "choose one with model=..."
             )
         card = bases[0]
-    max_len = card.max_model_len
-    if max_len is None and card.parent in by_id:
-        max_len = by_id[card.parent].max_model_len
-    return card.id, max_len
+    return card.id
+
+
+async def discover(engine: Engine, api_base: str, wanted: str | None) -> tuple[ServerInfo, str, int | None]:
+    """What ``load()`` reads from the server: its models (choosing one) and its version."""
+    cards = parse_models(await engine.get("/models"))
+    name = choose_model(cards, wanted, api_base)
+    try:
+        version = parse_version(await engine.get(api_base.removesuffix("/v1") + "/version"))
+    except APIError:  # not vLLM, or a proxy that serves only /v1
+        version = None
+    server = ServerInfo(api_base, cards, version)
+    return server, name, server.max_model_len(name)
+
+
+async def check_tokenizer(
+    engine: Engine, server: ServerInfo, model: str, formatter: ChatFormatter, tokenizer: str, mode: str
+) -> None:
+    """Compare the client's rendering and tokenization of ``PROBE`` with the server's ``/tokenize``.
+
+    A mismatch is a warning (``mode="error"``: a ``ConfigurationError``); a server without ``/tokenize``
+    (or a chat template that refuses the probe) is not checked.
+    """
+    try:
+        answer, _ = await engine.post(
+            server.base_url.removesuffix("/v1") + "/tokenize",
+            {"model": model, "messages": PROBE, "add_generation_prompt": True},
+            sequences=0,
+        )
+        served = answer["tokens"]
+    except (APIError, KeyError, TypeError) as exc:
+        logger.debug("vllmclient: tokenizer not checked (the server's /tokenize answered %s)", exc)
+        return
+    try:
+        local = formatter.tokenizer.encode(formatter.render(PROBE), add_special_tokens=False)
+    except Exception as exc:  # noqa: BLE001 - a template that refuses the probe is checked per input instead
+        logger.debug("vllmclient: tokenizer not checked (the chat template refused the probe: %s)", exc)
+        return
+    problem = tokenizer_mismatch(list(local), list(served), tokenizer, model)
+    if problem is None:
+        return
+    if mode == "error":
+        raise ConfigurationError(problem)
+    logger.warning("vllmclient: %s", problem)

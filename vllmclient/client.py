@@ -1,8 +1,9 @@
 """``ClientvLLM``: distilabel's client for a vLLM server, same fields and results, made robust and fast.
 
-Orchestration only: templating lives in ``formatter``, the parameters in ``params``, request bodies in
-``_request``, sending and bulk behaviour in ``_engine``, reading answers in ``_responses``, event-loop
-plumbing in ``_sync``.
+Orchestration only; data flows one way: inputs → ``formatter`` (validation, the chat template) →
+``_request`` (the body, from the typed ``params``) → ``_engine`` (capacity, packs, isolation) →
+``_responses`` (answers → results); ``_bulk`` runs a whole call (checkpoint, progress), ``_server`` reads
+what the server serves, ``_sync`` is the event-loop plumbing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import inspect
 import logging
 import os
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import openai
@@ -28,24 +29,18 @@ from pydantic import (
     model_validator,
 )
 
+from ._bulk import check_bulk_arguments, collect, log_failures, run
 from ._config import check_base_url, check_headers, check_httpx_kwargs, conceal, mask_urls, reveal, setting_errors
 from ._engine import Engine, _as_input_error, http_client
 from ._request import Request, build_request
-from ._server import PROBE, ServerInfo, choose_model, parse_models, parse_version, tokenizer_mismatch
+from ._server import ServerInfo, check_tokenizer, discover
 from ._sync import LoopThread
 from .checkpoint import Checkpoint
-from .errors import APIError, ConfigurationError, GenerationFailedError, InvalidInputError, failure_lines
-from .formatter import (
-    ChatFormatter,
-    Conversation,
-    check_encodable,
-    join_text_parts,
-    resolve_magpie_template,
-    validate_conversation,
-)
+from .errors import ConfigurationError, InvalidInputError
+from .formatter import ChatFormatter, Conversation, prepare_for, resolve_magpie_template
 from .params import GenerationParams, parse_params
 from .results import GenerateOutput
-from .structured import StructuredSpec, from_distilabel, parse_spec
+from .structured import from_distilabel, parse_spec
 
 __all__ = ["ClientvLLM"]
 
@@ -74,7 +69,6 @@ _DISTILABEL_ONLY = {
     "offline_batch_generation_block_until_done": (None, "vLLM serves no OpenAI Batch API"),
     "jobs_ids": (None, "vLLM serves no OpenAI Batch API"),
 }
-_PROGRESS_THRESHOLD = 100
 _DEFAULT_API_KEY = "EMPTY"  # any non-empty string: the SDK refuses to start without a key
 
 
@@ -376,53 +370,17 @@ class ClientvLLM(BaseModel):
             connections=transport.connections,
         )
         try:
-            cards = parse_models(await engine.get("/models"))
-            name, max_len = choose_model(cards, self.model, api_base)
-            server = ServerInfo(api_base, cards, await _version(engine, api_base))
+            server, name, max_len = await discover(engine, api_base, self.model)
+            engine.served_models = server.names
+            if self._formatter is not None and self.tokenizer_check != "off":
+                await check_tokenizer(engine, server, name, self._formatter, str(self.tokenizer), self.tokenizer_check)
         except BaseException:
             await aclient.close()
             raise
-        engine.served_models = server.names
-        if self._formatter is not None and self.tokenizer_check != "off":
-            try:
-                await self._check_tokenizer(engine, api_base, name)
-            except BaseException:
-                await aclient.close()
-                raise
         self._loop.add_closer(aclient.close)
         self._aclient, self._engine, self._server = aclient, engine, server
         self._model_name, self._max_model_len = name, max_len
         logger.info("vllmclient: using model %r at %s (max_model_len=%s)", name, api_base, max_len)
-
-    async def _check_tokenizer(self, engine: Engine, api_base: str, model: str) -> None:
-        """Compare the client's rendering and tokenization of a probe with the server's ``/tokenize``.
-
-        A mismatch is a warning (``tokenizer_check="error"``: a ``ConfigurationError``); a server
-        without ``/tokenize`` (or one that cannot render the probe) is not checked.
-        """
-        assert self._formatter is not None
-        try:
-            answer = await engine.post(
-                api_base.removesuffix("/v1") + "/tokenize",
-                {"model": model, "messages": PROBE, "add_generation_prompt": True},
-                sequences=0,
-            )
-            served = answer[0]["tokens"]
-        except (APIError, KeyError, TypeError) as exc:
-            logger.debug("vllmclient: tokenizer not checked (the server's /tokenize answered %s)", exc)
-            return
-        formatter = self._formatter
-        try:
-            local = formatter.tokenizer.encode(formatter.render(PROBE), add_special_tokens=False)
-        except Exception as exc:  # noqa: BLE001 - a template that refuses the probe is checked per input instead
-            logger.debug("vllmclient: tokenizer not checked (the chat template refused the probe: %s)", exc)
-            return
-        problem = tokenizer_mismatch(list(local), list(served), str(self.tokenizer), model)
-        if problem is None:
-            return
-        if self.tokenizer_check == "error":
-            raise ConfigurationError(problem)
-        logger.warning("vllmclient: %s", problem)
 
     def close(self) -> None:
         """Release connections and the private loop's thread; ``load()`` (or any call) reconnects."""
@@ -466,7 +424,7 @@ class ClientvLLM(BaseModel):
         assert self._engine is not None
         request = self._request(params)
         try:
-            payload = self._prepare(request)(0, conversation)
+            payload = prepare_for(self._formatter, request)(0, conversation)
         except Exception as exc:
             error = _as_input_error(0, exc)  # ours, as in a bulk call
             if error is exc:
@@ -493,8 +451,11 @@ class ClientvLLM(BaseModel):
         saves each result as it completes, so the same call after Ctrl-C or a crash sends only what is
         missing. ``kwargs`` are ``agenerate``'s sampling parameters.
         """
-        outputs = self._loop.run(self._collect(inputs, num_generations, strict, progress, checkpoint, kwargs))
-        _log_failures(outputs, logging.DEBUG, "each one's output holds its 'error' record")
+        if strict not in (True, False):
+            raise InvalidInputError(f"strict={strict!r} is invalid: expected True or False.")
+        stream = self._stream(inputs, num_generations, progress, checkpoint, kwargs, keep_saved=True)
+        outputs = self._loop.run(collect(stream, strict=strict))
+        log_failures(outputs, logging.DEBUG, "each one's output holds its 'error' record")
         return outputs
 
     def generate_outputs(
@@ -515,7 +476,7 @@ class ClientvLLM(BaseModel):
         outputs = self.generate(
             inputs, num_generations, strict=strict, progress=progress, checkpoint=checkpoint, **kwargs
         )
-        _log_failures(outputs, logging.WARNING, "their generations are None (generate() returns each failure's "
+        log_failures(outputs, logging.WARNING, "their generations are None (generate() returns each failure's "
                       "record; strict=True raises instead)")
         return [output["generations"] for output in outputs]
 
@@ -539,28 +500,6 @@ class ClientvLLM(BaseModel):
             for item in batch:
                 yield item
 
-    async def _collect(
-        self,
-        inputs: Iterable[Conversation],
-        num_generations: int,
-        strict: bool,
-        progress: bool | None,
-        checkpoint: str | os.PathLike[str] | None,
-        kwargs: dict[str, Any],
-    ) -> list[GenerateOutput]:
-        if strict not in (True, False):
-            raise InvalidInputError(f"strict={strict!r} is invalid: expected True or False.")
-        results: dict[int, GenerateOutput] = {}
-        async for batch in self._stream(inputs, num_generations, progress, checkpoint, kwargs, keep_saved=True):
-            for index, output in batch:
-                results[index] = output
-        ordered = [results[index] for index in range(len(results))]
-        if strict:
-            failures = [output["error"] for output in ordered if "error" in output]
-            if failures:
-                raise GenerationFailedError(failures, len(ordered), results=ordered)
-        return ordered
-
     async def _stream(
         self,
         inputs: Iterable[Conversation],
@@ -571,54 +510,24 @@ class ClientvLLM(BaseModel):
         *,
         keep_saved: bool = False,
     ) -> AsyncIterator[list[tuple[int, GenerateOutput]]]:
-        """Runs on the private loop: yields batches of ``(index, output)`` as packs complete.
-
-        With a checkpoint, results saved earlier come back too when ``keep_saved`` (for ``generate``).
-        """
-        if isinstance(inputs, (str, bytes, Mapping)) or not isinstance(inputs, Iterable):
-            got = "None" if inputs is None else type(inputs).__name__
-            raise InvalidInputError(
-                f"inputs must be a list (or any iterable) of conversations, got {got}. For one conversation, "
-                "pass [conversation]; each conversation is a list of {'role': ..., 'content': ...} dicts."
-            )
-        if progress not in (True, False, None):
-            raise InvalidInputError(
-                f"progress={progress!r} is invalid: expected True, False or None (a bar for 100 inputs or more)."
-            )
+        """Runs on the private loop: batches of ``(index, output)`` as packs complete (see ``_bulk.run``)."""
+        check_bulk_arguments(inputs, progress)
         await self._setup()
         assert self._engine is not None
         request = self._request({**self.generation_kwargs, **kwargs, "num_generations": num_generations})
-        saved: Checkpoint | None = None
-        read = inputs if isinstance(inputs, (list, tuple)) else _read(inputs)
-        indexed: Iterable[tuple[int, Any]] = enumerate(read)
+        job = None
         if checkpoint is not None:
             magpie = self.magpie_pre_query_template if self.use_magpie_template else None
-            saved = Checkpoint(checkpoint, request=request.body, tokenizer=self.tokenizer,
-                               tokenizer_revision=self.tokenizer_revision, magpie_pre_query_template=magpie,
-                               chat_template_kwargs=request.chat_template_kwargs, keep_outputs=keep_saved).open()
-            indexed = saved.pending(read)
-        bar = _progress_bar(inputs, progress)
-        errors = 0
-        batches = self._engine.stream(indexed, request, self._prepare(request))
-        if saved is not None:
-            batches = saved.settled(batches)  # saves each batch; results saved earlier come back too
-            if request.structured is not None:
-                batches = _reparsed(batches, request.structured)
+            job = Checkpoint(checkpoint, request=request.body, tokenizer=self.tokenizer,
+                             tokenizer_revision=self.tokenizer_revision, magpie_pre_query_template=magpie,
+                             chat_template_kwargs=request.chat_template_kwargs, keep_outputs=keep_saved)
+        batches = run(self._engine, request, prepare_for(self._formatter, request), inputs, progress=progress,
+                      checkpoint=job)
         try:
             async for batch in batches:
-                if bar is not None:
-                    failed = sum(1 for _, output in batch if "error" in output)
-                    if failed:
-                        errors += failed
-                        bar.set_postfix(errors=errors, refresh=False)
-                    bar.update(len(batch))
                 yield batch
         finally:
-            await batches.aclose()  # stops the engine's requests now, not whenever the generator is collected
-            if bar is not None:
-                bar.close()
-            if saved is not None:
-                saved.close()
+            await batches.aclose()
 
     def _request(self, params: dict[str, Any]) -> Request:
         num_generations = params.pop("num_generations", 1)
@@ -634,37 +543,6 @@ class ClientvLLM(BaseModel):
             server=self._server,
             model=self.model_name,
         )
-
-    def _prepare(self, request: Request) -> Any:
-        """The per-input step: validate, then render the prompt and check its length (or pass messages)."""
-        formatter, max_len = self._formatter, request.max_model_len
-        if formatter is None:
-
-            def as_messages(index: int, conversation: Any) -> Any:
-                validate_conversation(conversation, index)
-                check_encodable(conversation, index)  # else it would fail at the SDK, for its whole pack
-                return conversation
-
-            return as_messages
-        allow_empty = formatter.magpie_pre_query_template is not None
-        template_kwargs = request.chat_template_kwargs
-
-        def as_prompt(index: int, conversation: Any) -> str:
-            validate_conversation(conversation, index, allow_empty=allow_empty)
-            if any(len(message) > 2 for message in conversation):  # tool calls, names: what templates may render
-                check_encodable(conversation, index)  # (role and content reach the prompt: check_prompt sees them)
-            conversation = join_text_parts(conversation, index)
-            try:
-                prompt = formatter.render(conversation, template_kwargs)
-            except Exception as exc:  # templates raise anything (e.g. "roles must alternate")
-                raise InvalidInputError(
-                    f"input {index}: the model's chat template rejected this conversation "
-                    f"({exc.__class__.__name__}: {exc}). Fix the conversation to fit the template."
-                ) from exc
-            formatter.check_prompt(prompt, conversation, index, max_len, request.prompt_budget)
-            return prompt
-
-        return as_prompt
 
     def __getstate__(self) -> dict[Any, Any]:
         """Pickle the configuration only (for multiprocessing): connections and threads are per process."""
@@ -693,42 +571,6 @@ class ClientvLLM(BaseModel):
             yield name, ("**********" if name == "api_key" else conceal(value))
 
 
-def _read(inputs: Iterable[Any]) -> Iterator[Any]:
-    """The inputs one by one; an error of the iterable itself (a generator reading a file) ends the call as ours."""
-    index = 0
-    try:
-        for item in inputs:
-            yield item
-            index += 1
-    except Exception as exc:
-        raise InvalidInputError(
-            f"inputs raised {exc.__class__.__name__} ({exc}) when reading input {index}, so the call stopped there. "
-            "Fix the iterable; with checkpoint=... a rerun sends only what did not finish."
-        ) from exc
-
-
-async def _reparsed(
-    batches: AsyncIterator[list[tuple[int, GenerateOutput]]], spec: StructuredSpec
-) -> AsyncIterator[list[tuple[int, GenerateOutput]]]:
-    """A checkpoint does not save ``parsed`` (it may hold model instances): rebuild it for restored results."""
-    try:
-        async for batch in batches:
-            for _, output in batch:
-                if "parsed" not in output:
-                    spec.annotate(output)
-            yield batch
-    finally:
-        await batches.aclose()  # type: ignore[attr-defined]
-
-
-async def _version(engine: Engine, api_base: str) -> str | None:
-    """The server's vLLM version from ``GET /version``; ``None`` when it has none (not vLLM, or a proxy)."""
-    try:
-        return parse_version(await engine.get(api_base.removesuffix("/v1") + "/version"))
-    except APIError:
-        return None
-
-
 def _agenerate_signature() -> inspect.Signature:
     """``agenerate(self, input, num_generations=1, *, <every GenerationParams field>)``: for ``help()``,
     notebooks' completion and distilabel's runtime-parameter info."""
@@ -742,23 +584,3 @@ def _agenerate_signature() -> inspect.Signature:
 
 
 ClientvLLM.agenerate.__signature__ = _agenerate_signature()  # type: ignore[attr-defined]
-
-
-def _log_failures(outputs: list[GenerateOutput], level: int, note: str) -> None:
-    """Failed inputs are never silent: how many, and the first reasons."""
-    failures = [output["error"] for output in outputs if "error" in output]
-    if failures and logger.isEnabledFor(level):
-        logger.log(level, "vllmclient: %d of %d inputs failed; %s:\n%s", len(failures), len(outputs), note,
-                   "\n".join(failure_lines(failures, 3)))
-
-
-def _progress_bar(inputs: Iterable[Any], progress: bool | None) -> Any:
-    total = len(inputs) if isinstance(inputs, Sequence) else None
-    if progress is None:
-        progress = total is None or total >= _PROGRESS_THRESHOLD
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="vllmclient", unit="input", dynamic_ncols=True)
-

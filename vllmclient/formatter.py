@@ -13,9 +13,12 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, InvalidInputError, PromptTooLongError
+
+if TYPE_CHECKING:
+    from ._request import Request
 
 __all__ = [
     "MAGPIE_PRE_QUERY_TEMPLATES",
@@ -328,3 +331,37 @@ class ChatFormatter:
                 max_model_len=max_model_len,
                 prompt_tokens=count,
             )
+
+
+def prepare_for(formatter: ChatFormatter | None, request: Request) -> Callable[[int, Any], Any]:
+    """The per-input step of a call: validate a conversation, then render its prompt and check it (client
+    template), or pass its messages on (``formatter=None``: the server's template). Raises
+    ``InvalidInputError`` / ``PromptTooLongError`` naming the input; runs once per input, so it stays lean.
+    """
+    if formatter is None:
+
+        def as_messages(index: int, conversation: Any) -> Any:
+            validate_conversation(conversation, index)
+            check_encodable(conversation, index)  # else it would fail at the SDK, for its whole pack
+            return conversation
+
+        return as_messages
+    allow_empty = formatter.magpie_pre_query_template is not None
+    template_kwargs, max_len = request.chat_template_kwargs, request.max_model_len
+
+    def as_prompt(index: int, conversation: Any) -> str:
+        validate_conversation(conversation, index, allow_empty=allow_empty)
+        if any(len(message) > 2 for message in conversation):  # tool calls, names: what templates may render
+            check_encodable(conversation, index)  # (role and content reach the prompt: check_prompt sees them)
+        conversation = join_text_parts(conversation, index)
+        try:
+            prompt = formatter.render(conversation, template_kwargs)
+        except Exception as exc:  # templates raise anything (e.g. "roles must alternate")
+            raise InvalidInputError(
+                f"input {index}: the model's chat template rejected this conversation "
+                f"({exc.__class__.__name__}: {exc}). Fix the conversation to fit the template."
+            ) from exc
+        formatter.check_prompt(prompt, conversation, index, max_len, request.prompt_budget)
+        return prompt
+
+    return as_prompt
