@@ -154,7 +154,7 @@ async def test_a_request_waiting_to_retry_holds_no_slots(fake_vllm, tokenizer_di
 
 @pytest.mark.asyncio
 async def test_a_cancelled_waiter_does_not_block_those_queued_behind_it():
-    from vllmclient._engine import Capacity
+    from vllmclient._http import Capacity
 
     capacity = Capacity(4)
     await capacity.acquire(3)
@@ -212,7 +212,7 @@ def test_the_users_event_hooks_run_beside_the_clients_own(fake_vllm, tokenizer_d
 @pytest.mark.asyncio
 async def test_a_waiter_cancelled_before_its_turn_takes_no_capacity():
     """The race behind abandoning a stream: a queued pack is cancelled just as the slots it waits for free up."""
-    from vllmclient._engine import Capacity
+    from vllmclient._http import Capacity
 
     capacity = Capacity(4)
     await capacity.acquire(4)

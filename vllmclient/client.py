@@ -31,7 +31,8 @@ from pydantic import (
 
 from ._bulk import check_bulk_arguments, collect, log_failures, run
 from ._config import check_base_url, check_headers, check_httpx_kwargs, conceal, mask_urls, reveal, setting_errors
-from ._engine import Engine, _as_input_error, http_client
+from ._engine import Engine, _as_input_error
+from ._http import http_client
 from ._request import Request, build_request
 from ._server import ServerInfo, check_tokenizer, discover
 from ._sync import LoopThread
