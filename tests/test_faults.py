@@ -75,6 +75,7 @@ class Fault:
     status: int | None  # its status_code
     says: tuple[str, ...]  # what its message mentions (case-insensitive)
     client: tuple[tuple[str, Any], ...] = ()  # client settings this fault needs
+    never_says: tuple[str, ...] = ()  # what its message must not carry (e.g. a proxy's raw HTML)
     closed_unanswered: bool = False  # the connection closes before the answer begins: aiohttp itself sends
     #                                  a GET (idempotent) once more at once, unseen by the SDK; never a POST
 
@@ -86,17 +87,18 @@ FAULTS = [
     Fault("503-retry-after-over-cap", answer(503, headers={"Retry-After": "600"}),
           retried=False, error="ServerError", status=503, says=("503", "busy")),
     Fault("429-retry-after", answer(429, headers={"Retry-After": "0.01"}),
-          retried=True, error="APIError", status=429, says=("429",)),
+          retried=True, error="APIError", status=429, says=("429", "max_concurrency")),
     Fault("429", answer(429),  # the SDK's own back-off: 0.375-0.5 s before the first retry
-          retried=True, error="APIError", status=429, says=("429",)),
+          retried=True, error="APIError", status=429, says=("429", "rate")),
     Fault("500", answer(500),
           retried=True, error="ServerError", status=500, says=("500", "server had an error")),
     Fault("502-html", answer(502, body=NGINX_502, content_type="text/html"),  # a proxy before the server
-          retried=True, error="ServerError", status=502, says=("502", "bad gateway")),
+          retried=True, error="ServerError", status=502, says=("502", "bad gateway", "proxy"),
+          never_says=("<html", "<center>")),
     Fault("200-html", answer(200, body=LOGIN_PAGE, content_type="text/html"),  # e.g. a captive portal
           retried=False, error="APIError", status=200, says=("200", "json", "sign in")),
     Fault("200-truncated-json", truncate(),
-          retried=False, error="APIError", status=200, says=("200", "json")),
+          retried=False, error="APIError", status=200, says=("200", "json", "cut short")),
     Fault("reset-before-any-byte", reset(),
           retried=True, error="ConnectionLostError", status=None, says=("connection",), closed_unanswered=True),
     Fault("reset-mid-body", reset(after_bytes=40),
@@ -155,10 +157,10 @@ def attempts(server: FakeVLLM, mode: str) -> list[int]:
     return [request.retry_count for request in server.requests_to(ENDPOINT[mode])]
 
 
-def says(error: Any, words: tuple[str, ...]) -> list[str]:
-    """The words missing from an error's message."""
+def says(error: Any, words: tuple[str, ...], never: tuple[str, ...] = ()) -> list[str]:
+    """The words missing from an error's message, and those it must not carry but does."""
     message = str(getattr(error, "message", error)).lower()
-    return [word for word in words if word.lower() not in message]
+    return [word for word in words if word.lower() not in message] + [f"not {w}" for w in never if w in message]
 
 
 @contextmanager
@@ -229,7 +231,7 @@ async def test_a_lasting_fault_raises_our_error_saying_what_happened(fault, mode
     error = raised.value
     assert type(error).__name__ == fault.error, error
     assert error.status_code == fault.status
-    assert not says(error, fault.says), f"{error.message!r} does not mention {says(error, fault.says)}"
+    assert not says(error, fault.says, fault.never_says), f"{error.message!r} does not mention {says(error, fault.says, fault.never_says)}"
     assert attempts(fake_vllm, mode) == [0]
 
 
@@ -291,7 +293,7 @@ def test_in_a_batch_a_lasting_fault_fails_only_the_inputs_of_its_request(mode, f
         error = output.get("error")
         if output["generations"] != [None] or error is None or error.index != index:
             wrong.append(f"input {index} ({fault.id}): should have failed, got {output!r}")
-        elif (error.type, error.status_code) != (fault.error, fault.status) or says(error, fault.says):
+        elif (error.type, error.status_code) != (fault.error, fault.status) or says(error, fault.says, fault.never_says):
             wrong.append(f"input {index} ({fault.id}): {error.type} {error.status_code} {error.message!r}, "
                          f"expected {fault.error} {fault.status} mentioning {fault.says}")
     assert not wrong, "\n".join(wrong)
@@ -309,7 +311,7 @@ def test_in_a_batch_a_slow_answer_fails_only_the_inputs_of_its_request(mode, fak
     for index in affected:
         error = outputs[index]["error"]
         assert (error.type, error.status_code) == (fault.error, fault.status), error
-        assert not says(error, fault.says), error.message
+        assert not says(error, fault.says, fault.never_says), error.message
     assert all(starts_with_tag(outputs[i], i) for i in range(count) if i not in affected)
     assert sum(1 for request in fake_vllm.requests_to(ENDPOINT[mode]) if request.fault) == 1  # not sent again
 
@@ -359,7 +361,7 @@ def test_a_lasting_fault_while_loading_raises_our_error(fault, fake_vllm, tokeni
         llm.close()
     error = raised.value
     assert (type(error).__name__, error.status_code) == (fault.error, fault.status), error
-    assert not says(error, fault.says), error.message
+    assert not says(error, fault.says, fault.never_says), error.message
     assert model_list_attempts(fake_vllm) == ([0, 0] if fault.closed_unanswered else [0])
 
 

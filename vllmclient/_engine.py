@@ -29,6 +29,7 @@ from .errors import (
     ServerUnreachableError,
     VLLMClientError,
     from_openai,
+    unreadable_answer,
 )
 from .results import GenerateOutput, GenerationError, failed_output, replace_generations
 from .structured import invalid_slots
@@ -144,8 +145,7 @@ class Engine:
             return json.loads(response.content)
         except ValueError as exc:
             raise APIError(
-                f"{self.base_url} answered HTTP {response.status_code} with something that is not JSON "
-                f"({response.content[:120]!r}); is base_url the vLLM server itself, not a proxy page?",
+                unreadable_answer(self.base_url, response.status_code, response.content),
                 status_code=response.status_code,
                 request_id=response.headers.get("x-request-id"),
             ) from exc

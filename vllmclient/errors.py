@@ -213,6 +213,7 @@ def from_openai(
     server_message = body.get("message") if isinstance(body, dict) else body
     if not isinstance(server_message, str) or not server_message:
         server_message = exc.response.text or exc.message
+    server_message = _words(server_message)
     common: dict[str, Any] = {"status_code": status, "request_id": exc.request_id, "body": body}
     if status in (401, 403):
         return AuthenticationError(
@@ -240,8 +241,49 @@ def from_openai(
             return too_long
         return BadRequestError(f"The server rejected the request (HTTP {status}): {server_message}", **common)
     if status >= 500:
-        return ServerError(f"The vLLM server failed (HTTP {status}): {server_message}", **common)
+        who = "A proxy in front of the vLLM server" if _is_html(exc.response.text) else "The vLLM server"
+        return ServerError(f"{who} failed (HTTP {status}): {server_message}", **common)
+    if status == 429:
+        return APIError(
+            f"HTTP 429 from {base_url}, still after the SDK's retries: {server_message}. Something in front of the "
+            "server limits the request rate (vLLM itself does not answer 429): lower max_concurrency, or raise "
+            "max_retries to wait longer.",
+            **common,
+        )
     return APIError(f"HTTP {status} from {base_url}: {server_message}", **common)
+
+
+_MESSAGE_CHARACTERS = 500
+"""An error answer longer than this (a proxy's whole HTML page) is cut: every error record would carry it."""
+
+
+def _is_html(text: str) -> bool:
+    start = text.lstrip()[:15].lower()
+    return start.startswith("<!doctype html") or start.startswith("<html")
+
+
+def _words(text: str) -> str:
+    """The server's words, readable: an HTML page becomes its title and text, anything long is cut."""
+    if _is_html(text):
+        title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+        body = re.sub(r"<[^>]+>", " ", re.sub(r"(?is)<(script|style|head)[^>]*>.*?</\1>", " ", text))
+        text = "an HTML page: " + " ".join(((title.group(1) + " | ") if title else "") .split() + body.split())
+    return text if len(text) <= _MESSAGE_CHARACTERS else text[: _MESSAGE_CHARACTERS - 3] + "..."
+
+
+def unreadable_answer(base_url: str, status: int, content: bytes) -> str:
+    """The message for an answer that is not JSON: cut short (a dropped connection, a proxy's size limit), or
+    not JSON at all (a proxy's or another service's page)."""
+    text = content.decode("utf-8", "replace")
+    if text.lstrip()[:1] in ("{", "["):
+        return (
+            f"{base_url} answered HTTP {status} with JSON that is cut short or damaged ({len(content)} bytes, "
+            f"ending {text[-60:]!r}): the connection dropped mid-answer, or a proxy limits the answer's size."
+        )
+    return (
+        f"{base_url} answered HTTP {status} with something that is not JSON ({_words(text)[:200]!r}); is base_url "
+        "the vLLM server itself (e.g. http://localhost:8000/v1), not a proxy or another service?"
+    )
 
 
 def _network_error(exc: BaseException, base_url: str, timeout: float | None) -> VLLMClientError:
