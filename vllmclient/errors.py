@@ -259,7 +259,7 @@ _MESSAGE_CHARACTERS = 500
 
 def _is_html(text: str) -> bool:
     start = text.lstrip()[:15].lower()
-    return start.startswith("<!doctype html") or start.startswith("<html")
+    return start.startswith(("<!doctype html", "<html"))
 
 
 def _words(text: str) -> str:
