@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m ruff check vllmclient tests benchmarks examples
+.venv/bin/python -m mypy --strict vllmclient
 .venv/bin/python -m pytest -m "integration or not integration" "$@"

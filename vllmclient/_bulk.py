@@ -8,13 +8,15 @@ checkpoint, shows progress, and never lets a failed input go unnoticed.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Never
 
 from .errors import GenerationFailedError, InvalidInputError, failure_lines
 from .results import GenerateOutput
 
 if TYPE_CHECKING:
+    from tqdm.std import tqdm as ProgressBar
+
     from ._engine import Engine, Prepare
     from ._request import Request
     from .checkpoint import Checkpoint
@@ -24,7 +26,7 @@ __all__ = ["check_bulk_arguments", "collect", "log_failures", "run"]
 
 logger = logging.getLogger("vllmclient")
 
-Batches = AsyncIterator[list[tuple[int, GenerateOutput]]]
+Batches = AsyncGenerator[list[tuple[int, GenerateOutput]]]
 
 _PROGRESS_THRESHOLD = 100
 """A progress bar by default from this many inputs (and for iterables of unknown length)."""
@@ -52,7 +54,7 @@ async def run(
     *,
     progress: bool | None,
     checkpoint: Checkpoint | None,
-) -> AsyncGenerator[list[tuple[int, GenerateOutput]]]:
+) -> Batches:
     """Batches of ``(index, output)`` as packs complete; runs on the client's private loop.
 
     With a checkpoint, each batch is saved as it completes and inputs saved by an earlier run are not
@@ -80,7 +82,7 @@ async def run(
                 bar.update(len(batch))
             yield batch
     finally:
-        await batches.aclose()  # type: ignore[attr-defined]  # stops the engine's requests now
+        await batches.aclose()  # stops the engine's requests now
         if bar is not None:
             bar.close()
         if saved is not None:
@@ -95,7 +97,7 @@ async def collect(batches: Batches, *, strict: bool) -> list[GenerateOutput]:
             for index, output in batch:
                 results[index] = output
     finally:
-        await batches.aclose()  # type: ignore[attr-defined]
+        await batches.aclose()
     ordered = [results[index] for index in range(len(results))]
     if strict:
         failures = [output["error"] for output in ordered if "error" in output]
@@ -135,10 +137,10 @@ async def _reparsed(batches: Batches, spec: StructuredSpec) -> Batches:
                     spec.annotate(output)
             yield batch
     finally:
-        await batches.aclose()  # type: ignore[attr-defined]
+        await batches.aclose()
 
 
-def _progress_bar(inputs: Iterable[Any], progress: bool | None) -> Any:
+def _progress_bar(inputs: Iterable[Any], progress: bool | None) -> ProgressBar[Never] | None:
     total = len(inputs) if isinstance(inputs, Sequence) else None
     if progress is None:
         progress = total is None or total >= _PROGRESS_THRESHOLD

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any
 
 import httpx2
@@ -164,11 +164,11 @@ class Engine:
             data, request_id = await self.post("/chat/completions", request.with_messages(messages), request.n)
             return [read(chat_output, data, request, request_id)]
         data, request_id = await self.post("/completions", request.with_prompts(payloads), len(payloads) * request.n)
-        return read(completion_outputs, data, len(payloads), request, request_id)  # type: ignore[no-any-return]
+        return read(completion_outputs, data, len(payloads), request, request_id)
 
     async def stream(
         self, items: Iterable[tuple[int, Any]], request: Request, prepare: Prepare
-    ) -> AsyncIterator[list[tuple[int, GenerateOutput]]]:
+    ) -> AsyncGenerator[list[tuple[int, GenerateOutput]]]:
         """Yield batches of ``(index, output)`` as packs complete; inputs are read at most a pack ahead of room.
 
         The client's shared capacity counts what the server is working on (see ``_http.Ticket``), so other
@@ -199,7 +199,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - whatever went wrong fails this pack, never the whole job
                 results = [(index, _failed(index, request, exc)) for index, _ in pack]
             done.put_nowait((results, len(pack) * unit))  # from here the consumer releases the window
-            sending.discard(asyncio.current_task())  # type: ignore[arg-type]
+            sending.discard(asyncio.current_task())
 
         async def produce() -> None:
             slots = max(1, self.capacity.limit // unit)

@@ -8,7 +8,7 @@ work is a few dict lookups.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ._request import Request
 from .errors import APIError
@@ -16,8 +16,10 @@ from .results import GenerateOutput, Logprob, empty_output
 
 __all__ = ["chat_output", "completion_outputs", "read"]
 
+T = TypeVar("T")
 
-def read(parse: Callable[..., Any], data: Any, *args: Any) -> Any:
+
+def read(parse: Callable[..., T], data: Any, *args: Any) -> T:
     """Parse an answer; a shape we cannot read is the server's error, said plainly."""
     try:
         return parse(data, *args)

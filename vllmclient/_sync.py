@@ -155,8 +155,8 @@ class LoopThread:
 def _settle(task: asyncio.Task[T], outcome: concurrent.futures.Future[T], finished: threading.Event) -> None:
     if task.cancelled():
         outcome.cancel()
-    elif task.exception() is not None:
-        outcome.set_exception(task.exception())  # type: ignore[arg-type]
+    elif (exc := task.exception()) is not None:
+        outcome.set_exception(exc)
     else:
         outcome.set_result(task.result())
     finished.set()

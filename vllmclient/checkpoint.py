@@ -19,7 +19,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, TypeGuard, cast
 
@@ -204,7 +204,7 @@ class Checkpoint:
                 self._verified = True
         self._verified = True
 
-    async def settled(self, batches: AsyncIterator[Batch]) -> AsyncIterator[Batch]:
+    async def settled(self, batches: AsyncGenerator[Batch]) -> AsyncGenerator[Batch]:
         """Save each batch of new results and pass it on, with the saved results met meanwhile.
 
         Inputs are read lazily, so results of new inputs can come back before a later input turns out
@@ -227,7 +227,7 @@ class Checkpoint:
                 self._save(held)
                 yield held
         finally:
-            await batches.aclose()  # type: ignore[attr-defined]
+            await batches.aclose()
 
     def _save(self, batch: Batch) -> None:
         records = []

@@ -14,7 +14,7 @@ import inspect
 import logging
 import os
 import weakref
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import openai
@@ -510,7 +510,7 @@ class ClientvLLM(BaseModel):
         kwargs: dict[str, Any],
         *,
         keep_saved: bool = False,
-    ) -> AsyncIterator[list[tuple[int, GenerateOutput]]]:
+    ) -> AsyncGenerator[list[tuple[int, GenerateOutput]]]:
         """Runs on the private loop: batches of ``(index, output)`` as packs complete (see ``_bulk.run``)."""
         check_bulk_arguments(inputs, progress)
         await self._setup()

@@ -39,7 +39,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jsonschema  # type: ignore[import-untyped]
+import jsonschema
 from jsonschema import exceptions as schema_errors
 from pydantic import BaseModel, ValidationError
 

@@ -272,7 +272,7 @@ def build_tokenizer(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
         pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
     ])
-    tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    tok.decoder = decoders.ByteLevel()  # takes no options (any given are ignored)
     trainer = trainers.BpeTrainer(
         vocab_size=BPE_VOCAB_SIZE,
         min_frequency=2,
@@ -384,7 +384,7 @@ def build_model(
         head_dim=32,
         max_position_embeddings=2048,
         rms_norm_eps=1e-5,
-        rope_theta=500000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
         tie_word_embeddings=False,
         bos_token_id=ids[BOS],
         eos_token_id=[ids[EOT], ids[END_OF_TEXT]],
