@@ -81,8 +81,7 @@ def _cell(nb: nbformat.NotebookNode, tag: str) -> nbformat.NotebookNode:
 
 
 def _text(cell: nbformat.NotebookNode) -> str:
-    """What a cell printed (stdout) and displayed; stderr (e.g. tqdm's "IProgress not found" warning
-    when ipywidgets is missing, emitted by the transformers import) is left out."""
+    """What a cell printed (stdout) and displayed as text; stderr is left out."""
     parts = []
     for output in cell.get("outputs", []):
         if output["output_type"] == "stream" and output.get("name") == "stdout":
@@ -90,6 +89,13 @@ def _text(cell: nbformat.NotebookNode) -> str:
         elif output["output_type"] in ("execute_result", "display_data"):
             parts.append(output.get("data", {}).get("text/plain", ""))
     return "".join(parts)
+
+
+def _stderr(cell: nbformat.NotebookNode) -> str:
+    return "".join(o["text"] for o in cell.get("outputs", []) if o["output_type"] == "stream" and o["name"] == "stderr")
+
+
+WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
 def test_quickstart_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,6 +127,16 @@ def test_quickstart_notebook_executes(tmp_path: Path, monkeypatch: pytest.Monkey
         assert answer.strip("'\" "), f"no generated text in {line!r}"
     records = _text(_cell(nb, "generate-records"))
     assert "'generations'" in records and "'finish_reasons'" in records and "'output_tokens'" in records
+    # The bulk run's progress bar is a widget (ipywidgets is in the test extra), and no cell warns that
+    # it could not be one (tqdm's "IProgress not found", printed when ipywidgets is missing).
+    bulk = _cell(nb, "bulk")
+    assert any(WIDGET in o.get("data", {}) for o in bulk.get("outputs", []) if o["output_type"] == "display_data")
+    assert "12 of 12 inputs succeeded" in _text(bulk)
+    assert not [c for c in code_cells if "IProgress" in _stderr(c)], [_stderr(c) for c in code_cells]
+    table = [o["data"]["text/html"] for o in _cell(nb, "results-table").get("outputs", [])
+             if o["output_type"] == "execute_result" and "text/html" in o.get("data", {})]
+    assert len(table) == 1 and table[0].startswith("<table>")
+    assert table[0].count("<tr>") == 1 + 12 and "<td>Where is the cat?</td>" in table[0]
     agenerate = _text(_cell(nb, "agenerate"))
     assert "'generations': ['" in agenerate
     assert "server running: False" in _text(_cell(nb, "cleanup"))
