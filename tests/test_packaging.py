@@ -1,7 +1,7 @@
 """What the source distribution ships: the declared licence's text, and tests that can run from it.
 
 The sdist is built here with the installed setuptools (``setup.py sdist``, offline, into a temporary
-folder), the way ``python -m build --sdist`` builds it, and compared with the files git tracks.
+folder), the way ``python -m build --sdist`` builds it, and compared with the files on disk.
 """
 
 from __future__ import annotations
@@ -30,9 +30,14 @@ def sdist_files(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     return {name.split("/", 1)[1] for name in names}
 
 
-def _tracked(*folders: str) -> set[str]:
-    listed = subprocess.run(["git", "ls-files", *folders], cwd=ROOT, check=True, capture_output=True, text=True)
-    return set(listed.stdout.split())
+def _files(*folders: str) -> set[str]:
+    """The files under these folders (bytecode aside): from a clone, or from an unpacked sdist."""
+    return {
+        path.relative_to(ROOT).as_posix()
+        for folder in folders
+        for path in (ROOT / folder).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    }
 
 
 def test_license_file_is_the_declared_licence() -> None:
@@ -47,12 +52,10 @@ def test_license_file_is_the_declared_licence() -> None:
 
 
 def test_sdist_ships_the_licence_and_runnable_tests(sdist_files: set[str]) -> None:
-    if not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout (e.g. run from an unpacked sdist): nothing to compare with")
     assert "LICENSE" in sdist_files
     # Every test module and what the tests load: conftests, the fake server, the benchmark the load
     # test drives, the notebook and its runner, the vLLM setup script, the linters' configuration.
-    needed = _tracked("tests", "benchmarks", "examples", "scripts") | {"ruff.toml", "setup.cfg"}
+    needed = _files("tests", "benchmarks", "examples", "scripts") | {"ruff.toml", "setup.cfg"}
     missing = needed - sdist_files
     assert not missing, f"the sdist lacks files its tests need: {sorted(missing)}"
     assert not [name for name in sdist_files if "__pycache__" in name or name.endswith(".pyc")]
