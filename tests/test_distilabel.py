@@ -1,0 +1,170 @@
+"""vllmclient's distilabel integration inside real distilabel tasks and pipelines, against the fake server.
+
+Skipped (with the reason) only when distilabel is not installed outside CI; under CI (``$CI`` set) a
+missing distilabel fails the module, since ``scripts/setup.sh`` installs the ``distilabel`` extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+if os.environ.get("CI"):
+    import distilabel  # noqa: F401  # CI installs the extra: its absence is a failure, not a skip
+else:
+    pytest.importorskip("distilabel", reason="distilabel is not installed: pip install 'pyvllmclient[distilabel]'")
+
+from distilabel.models.llms.base import LLM, AsyncLLM
+from distilabel.pipeline import Pipeline
+from distilabel.steps import LoadDataFromDicts
+from distilabel.steps.tasks import MagpieGenerator, TextGeneration
+from pydantic import ValidationError
+
+from vllmclient.integrations.distilabel import ClientvLLM
+
+from fake_vllm import FakeVLLM
+
+QUESTIONS = [f"Question {i}: tell me about the number {i}." for i in range(7)]
+
+
+def make_llm(server: FakeVLLM, tokenizer_dir: Path, **kwargs: Any) -> ClientvLLM:
+    return ClientvLLM(base_url=server.base_url, tokenizer=str(tokenizer_dir), max_retries=0, **kwargs)
+
+
+def test_core_package_never_imports_distilabel() -> None:
+    code = ("import sys, vllmclient, vllmclient.client, vllmclient.integrations; "
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'distilabel'], 'distilabel imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_is_a_distilabel_llm_accepted_by_tasks(fake_vllm: FakeVLLM, tokenizer_dir: Path) -> None:
+    llm = make_llm(fake_vllm, tokenizer_dir)
+    assert isinstance(llm, AsyncLLM) and isinstance(llm, LLM)
+    task = TextGeneration(llm=llm)  # distilabel's validation: "a valid dictionary or instance of LLM"
+    assert task.llm is llm
+    assert llm.get_generation_kwargs() == {}
+    assert llm.use_offline_batch_generation is False and llm.structured_output is None
+
+
+def test_generate_outputs_returns_distilabel_dicts(fake_vllm: FakeVLLM, tokenizer_dir: Path) -> None:
+    llm = make_llm(fake_vllm, tokenizer_dir)
+    llm.load()
+    assert llm.model_name == "tiny-llama"
+    inputs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    outputs = llm.generate_outputs(inputs, num_generations=2, max_new_tokens=8, temperature=0.7)
+    assert len(outputs) == len(inputs)
+    for output in outputs:
+        assert set(output) == {"generations", "statistics"}  # every other key would become a column
+        assert len(output["generations"]) == 2 and all(isinstance(g, str) and g for g in output["generations"])
+        assert set(output["statistics"]) == {"input_tokens", "output_tokens"}
+        assert all(len(v) == 2 and all(isinstance(n, int) and n > 0 for n in v) for v in output["statistics"].values())
+    # the batch was packed: fewer requests than inputs
+    assert 1 <= len(fake_vllm.requests_to("/v1/completions")) < len(inputs)
+    one = llm.event_loop.run_until_complete(llm.agenerate(inputs[0], num_generations=1, max_new_tokens=4))
+    assert set(one) == {"generations", "statistics"} and len(one["generations"]) == 1
+    logprobs = llm.generate_outputs(inputs[:2], max_new_tokens=3, logprobs=2)
+    assert all(len(o["logprobs"]) == 1 and len(o["logprobs"][0]) == 3 for o in logprobs)
+    llm.unload()
+
+
+def test_a_failed_input_fails_only_itself(fake_vllm: FakeVLLM, tokenizer_dir: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    fake_vllm.fail_prompts_containing("POISON", status=400, message="bad prompt")
+    llm = make_llm(fake_vllm, tokenizer_dir)
+    llm.load()
+    inputs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    inputs[3] = [{"role": "user", "content": "POISON"}]
+    with caplog.at_level(logging.WARNING, logger="vllmclient"):
+        outputs = llm.generate_outputs(inputs, max_new_tokens=4)
+    assert outputs[3]["generations"] == [None]
+    assert all(o["generations"][0] for i, o in enumerate(outputs) if i != 3)
+    assert "1 of 7 inputs failed" in caplog.text and "bad prompt" in caplog.text
+    llm.unload()
+
+
+def test_settings_are_checked_by_vllmclients_rules() -> None:
+    with pytest.raises(ValidationError, match="has no scheme") as info:
+        ClientvLLM(base_url="localhost:8000", api_key="sk-very-secret")
+    assert "sk-very-secret" not in str(info.value)
+    with pytest.raises(ValidationError, match="did you mean 'temperature'"):
+        ClientvLLM(generation_kwargs={"temprature": 0.5})
+    with pytest.raises(ValidationError, match="Batch API"):
+        ClientvLLM(use_offline_batch_generation=True)
+    llm = ClientvLLM()
+    with pytest.raises(ValidationError, match="max_concurrency"):
+        llm.max_concurrency = 0  # on assignment too (set_runtime_parameters assigns)
+    with pytest.raises(ValidationError, match="magpie_pre_query_template"):
+        ClientvLLM(use_magpie_template=True)
+
+
+def test_dump_and_from_dict_round_trip_without_secrets(tokenizer_dir: Path) -> None:
+    llm = ClientvLLM(base_url="http://127.0.0.1:9/v1", tokenizer=str(tokenizer_dir), api_key="sk-secret",
+                     max_concurrency=32, pack_size=4, use_magpie_template=True, magpie_pre_query_template="llama3",
+                     default_headers={"X-Team": "a", "Authorization": "Bearer sk-secret"},
+                     generation_kwargs={"max_new_tokens": 16, "temperature": 0.5, "stop": ["\n"]})
+    data = llm.dump()
+    assert "sk-secret" not in repr(data) and "api_key" not in data
+    assert data["type_info"] == {"module": "vllmclient.integrations.distilabel", "name": "ClientvLLM"}
+    again = LLM.from_dict(dict(data))
+    assert type(again) is ClientvLLM
+    assert again.dump() == data
+    assert again.default_headers == {"X-Team": "a"}
+    assert (again.max_concurrency, again.pack_size, again.generation_kwargs) == (32, 4, llm.generation_kwargs)
+    assert again.magpie_pre_query_template == llm.magpie_pre_query_template
+
+
+def test_changed_setting_rebuilds_the_client(make_fake_vllm: Any, tokenizer_dir: Path) -> None:
+    first = make_fake_vllm()
+    second = make_fake_vllm(models=[{"id": "other-model", "max_model_len": 1024}])
+    llm = make_llm(first, tokenizer_dir)
+    llm.load()
+    assert llm.model_name == "tiny-llama"
+    llm.set_runtime_parameters({"base_url": second.base_url})
+    llm.load()
+    assert llm.model_name == "other-model"
+    llm.generate_outputs([[{"role": "user", "content": "hi"}]], max_new_tokens=2)
+    assert second.requests_to("/v1/completions") and not first.requests_to("/v1/completions")
+    llm.unload()
+
+
+def _run(pipeline: Pipeline, **parameters: Any) -> Any:
+    return pipeline.run(use_cache=False, parameters=parameters or None)
+
+
+def test_pipeline_load_rows_text_generation_magpie(fake_vllm: FakeVLLM, tokenizer_dir: Path, tmp_path: Path) -> None:
+    rows = [{"instruction": q} for q in QUESTIONS]
+    with Pipeline(name="vllmclient-text", cache_dir=tmp_path / "cache") as pipeline:
+        load = LoadDataFromDicts(data=rows, batch_size=3)
+        generate = TextGeneration(llm=make_llm(fake_vllm, tokenizer_dir, generation_kwargs={"max_new_tokens": 6}),
+                                  input_batch_size=5, num_generations=2, group_generations=True)
+        load >> generate
+    distiset = _run(pipeline, **{generate.name: {"llm": {"generation_kwargs": {"max_new_tokens": 5, "temperature": 0.3}}}})
+    table = distiset["default"]["train"]
+    assert sorted(table["instruction"]) == sorted(QUESTIONS)
+    assert all(len(g) == 2 and all(isinstance(t, str) and t for t in g) for g in table["generation"])
+    assert set(table["model_name"]) == {"tiny-llama"}
+    for metadata in table["distilabel_metadata"]:  # one per generation (grouped)
+        stats = [m[f"statistics_{generate.name}"] for m in metadata]
+        assert len(stats) == 2 and all(s["input_tokens"] > 0 and s["output_tokens"] > 0 for s in stats)
+    bodies = [r.body for r in fake_vllm.requests_to("/v1/completions")]
+    assert all(b["max_tokens"] == 5 and b["temperature"] == 0.3 for b in bodies)  # the runtime parameters
+    assert len(bodies) < len(QUESTIONS)  # each batch packed
+
+    with Pipeline(name="vllmclient-magpie", cache_dir=tmp_path / "cache2") as pipeline:
+        MagpieGenerator(llm=make_llm(fake_vllm, tokenizer_dir, magpie_pre_query_template="llama3",
+                                     generation_kwargs={"max_new_tokens": 6}),
+                        n_turns=1, num_rows=5, batch_size=5)
+    fake_vllm.clear()
+    table = _run(pipeline)["default"]["train"]
+    assert len(table) == 5
+    assert all(isinstance(t, str) and t for t in table["instruction"])
+    assert all(isinstance(t, str) and t for t in table["response"])
+    prompts = [b["prompt"] for r in fake_vllm.requests_to("/v1/completions") for b in [r.body]]
+    flat = [p for prompt in prompts for p in (prompt if isinstance(prompt, list) else [prompt])]
+    assert any(p.endswith("<|start_header_id|>user<|end_header_id|>\n\n") for p in flat)  # Magpie's pre-query
