@@ -23,9 +23,10 @@ else:
 from distilabel.models.llms.base import LLM, AsyncLLM
 from distilabel.pipeline import Pipeline
 from distilabel.steps import LoadDataFromDicts
-from distilabel.steps.tasks import MagpieGenerator, TextGeneration
-from pydantic import ValidationError
+from distilabel.steps.tasks import MagpieGenerator, TextGeneration, UltraFeedback
+from pydantic import BaseModel, ValidationError
 
+from vllmclient import PromptTooLongError
 from vllmclient.integrations.distilabel import ClientvLLM
 
 from fake_vllm import FakeVLLM
@@ -34,7 +35,7 @@ QUESTIONS = [f"Question {i}: tell me about the number {i}." for i in range(7)]
 
 
 def make_llm(server: FakeVLLM, tokenizer_dir: Path, **kwargs: Any) -> ClientvLLM:
-    return ClientvLLM(base_url=server.base_url, tokenizer=str(tokenizer_dir), max_retries=0, **kwargs)
+    return ClientvLLM(base_url=server.base_url, tokenizer=tokenizer_dir, max_retries=0, **kwargs)
 
 
 def test_core_package_never_imports_distilabel() -> None:
@@ -85,7 +86,38 @@ def test_a_failed_input_fails_only_itself(fake_vllm: FakeVLLM, tokenizer_dir: Pa
     assert outputs[3]["generations"] == [None]
     assert all(o["generations"][0] for i, o in enumerate(outputs) if i != 3)
     assert "1 of 7 inputs failed" in caplog.text and "bad prompt" in caplog.text
+    # one input alone (distilabel's agenerate contract): the failure is raised, as vllmclient's error
+    too_long = [{"role": "user", "content": "word " * 3000}]
+    with pytest.raises(PromptTooLongError):
+        llm.event_loop.run_until_complete(llm.agenerate(too_long))
     llm.unload()
+
+
+class Pet(BaseModel):
+    name: str
+    age: int
+
+
+def test_structured_output_and_ultrafeedback_task(fake_vllm: FakeVLLM, make_fake_vllm: Any,
+                                                  tokenizer_dir: Path) -> None:
+    llm = make_llm(fake_vllm, tokenizer_dir, structured_output={"schema": Pet, "format": "json"})
+    task = TextGeneration(llm=llm, add_raw_input=False)
+    task.load()
+    rows = next(task.process([{"instruction": "A pet, as JSON."}, {"instruction": "Another pet."}]))
+    for row in rows:
+        Pet.model_validate_json(row["generation"])  # vLLM's constrained decoding, checked on the client
+        assert set(row) == {"instruction", "generation", "distilabel_metadata", "model_name"}
+    assert fake_vllm.requests_to("/v1/completions")[-1].body["structured_outputs"]["json"] == Pet.model_json_schema()
+    task.unload()
+
+    long_context = make_fake_vllm(models=[{"id": "tiny-llama", "max_model_len": 8192}])  # UltraFeedback's prompt
+    feedback = UltraFeedback(llm=make_llm(long_context, tokenizer_dir, generation_kwargs={"max_new_tokens": 8}))
+    feedback.load()
+    rows = next(feedback.process([{"instruction": "Say hi.", "generations": ["hi", "hello"]}]))
+    assert len(rows) == 1 and rows[0]["model_name"] == "tiny-llama"
+    assert "ratings" in rows[0]  # free text from the fake server parses to no ratings: still one row
+    assert isinstance(rows[0]["distilabel_metadata"][f"raw_output_{feedback.name}"], str)
+    feedback.unload()
 
 
 def test_settings_are_checked_by_vllmclients_rules() -> None:
@@ -138,7 +170,8 @@ def _run(pipeline: Pipeline, **parameters: Any) -> Any:
 
 
 def test_pipeline_load_rows_text_generation_magpie(fake_vllm: FakeVLLM, tokenizer_dir: Path, tmp_path: Path) -> None:
-    rows = [{"instruction": q} for q in QUESTIONS]
+    fake_vllm.fail_prompts_containing("POISON", status=400, message="bad prompt")
+    rows = [{"instruction": q} for q in QUESTIONS] + [{"instruction": "POISON"}]
     with Pipeline(name="vllmclient-text", cache_dir=tmp_path / "cache") as pipeline:
         load = LoadDataFromDicts(data=rows, batch_size=3)
         generate = TextGeneration(llm=make_llm(fake_vllm, tokenizer_dir, generation_kwargs={"max_new_tokens": 6}),
@@ -146,25 +179,30 @@ def test_pipeline_load_rows_text_generation_magpie(fake_vllm: FakeVLLM, tokenize
         load >> generate
     distiset = _run(pipeline, **{generate.name: {"llm": {"generation_kwargs": {"max_new_tokens": 5, "temperature": 0.3}}}})
     table = distiset["default"]["train"]
-    assert sorted(table["instruction"]) == sorted(QUESTIONS)
-    assert all(len(g) == 2 and all(isinstance(t, str) and t for t in g) for g in table["generation"])
+    generations = dict(zip(table["instruction"], table["generation"], strict=True))
+    assert generations.pop("POISON") == [None, None]  # only the failed row; distilabel would null its batch
+    assert sorted(generations) == sorted(QUESTIONS)
+    assert all(len(g) == 2 and all(isinstance(t, str) and t for t in g) for g in generations.values())
     assert set(table["model_name"]) == {"tiny-llama"}
-    for metadata in table["distilabel_metadata"]:  # one per generation (grouped)
+    for instruction, metadata in zip(table["instruction"], table["distilabel_metadata"], strict=True):
+        if instruction == "POISON":
+            continue
         stats = [m[f"statistics_{generate.name}"] for m in metadata]
         assert len(stats) == 2 and all(s["input_tokens"] > 0 and s["output_tokens"] > 0 for s in stats)
-    bodies = [r.body for r in fake_vllm.requests_to("/v1/completions")]
+    bodies = [r.body for r in fake_vllm.requests_to("/v1/completions") if "POISON" not in str(r.body)]
     assert all(b["max_tokens"] == 5 and b["temperature"] == 0.3 for b in bodies)  # the runtime parameters
     assert len(bodies) < len(QUESTIONS)  # each batch packed
 
     with Pipeline(name="vllmclient-magpie", cache_dir=tmp_path / "cache2") as pipeline:
         MagpieGenerator(llm=make_llm(fake_vllm, tokenizer_dir, magpie_pre_query_template="llama3",
                                      generation_kwargs={"max_new_tokens": 6}),
-                        n_turns=1, num_rows=5, batch_size=5)
+                        n_turns=2, num_rows=5, batch_size=5)
     fake_vllm.clear()
     table = _run(pipeline)["default"]["train"]
     assert len(table) == 5
-    assert all(isinstance(t, str) and t for t in table["instruction"])
-    assert all(isinstance(t, str) and t for t in table["response"])
+    for conversation in table["conversation"]:
+        assert [m["role"] for m in conversation] == ["user", "assistant", "user", "assistant"]
+        assert all(isinstance(m["content"], str) and m["content"] for m in conversation)
     prompts = [b["prompt"] for r in fake_vllm.requests_to("/v1/completions") for b in [r.body]]
     flat = [p for prompt in prompts for p in (prompt if isinstance(prompt, list) else [prompt])]
     assert any(p.endswith("<|start_header_id|>user<|end_header_id|>\n\n") for p in flat)  # Magpie's pre-query
