@@ -154,7 +154,7 @@ def test_dump_and_from_dict_round_trip_without_secrets(tokenizer_dir: Path) -> N
 def test_changed_setting_rebuilds_the_client(make_fake_vllm: Any, tokenizer_dir: Path) -> None:
     first = make_fake_vllm()
     second = make_fake_vllm(models=[{"id": "other-model", "max_model_len": 1024}])
-    llm = make_llm(first, tokenizer_dir)
+    llm = make_llm(first, tokenizer_dir, default_headers={"X-Team": "a"})
     llm.load()
     assert llm.model_name == "tiny-llama"
     llm.set_runtime_parameters({"base_url": second.base_url})
@@ -162,6 +162,22 @@ def test_changed_setting_rebuilds_the_client(make_fake_vllm: Any, tokenizer_dir:
     assert llm.model_name == "other-model"
     llm.generate_outputs([[{"role": "user", "content": "hi"}]], max_new_tokens=2)
     assert second.requests_to("/v1/completions") and not first.requests_to("/v1/completions")
+    assert llm.default_headers is not None
+    llm.default_headers["X-Team"] = "b"  # changed in place: no assignment, still a new setting
+    llm.generate_outputs([[{"role": "user", "content": "hi"}]], max_new_tokens=2)
+    assert second.requests_to("/v1/completions")[-1].headers["x-team"] == "b"
+    llm.unload()
+
+
+def test_client_is_kept_while_settings_stay(fake_vllm: FakeVLLM, tokenizer_dir: Path) -> None:
+    # values the core client normalizes (distilabel's model="" default, spaces around base_url) must not
+    # look like a changed setting: that would reconnect (GET /v1/models again) on every batch
+    llm = ClientvLLM(base_url=f" {fake_vllm.base_url} ", model="", tokenizer=tokenizer_dir, max_retries=0)
+    llm.load()
+    for _ in range(3):
+        llm.generate_outputs([[{"role": "user", "content": "hi"}]], max_new_tokens=2)
+    assert len(fake_vllm.requests_to("/v1/models")) == 1
+    assert llm.model_name == "tiny-llama"
     llm.unload()
 
 

@@ -9,6 +9,7 @@ why) instead of taking its whole batch down. The only module of vllmclient that 
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -89,6 +90,7 @@ class ClientvLLM(AsyncLLM, MagpieChatTemplateMixin):
     )
 
     _client: _core.ClientvLLM | None = PrivateAttr(default=None)
+    _client_settings: dict[str, Any] | None = PrivateAttr(default=None)
 
     @field_validator("tokenizer", mode="before")
     @classmethod
@@ -115,10 +117,11 @@ class ClientvLLM(AsyncLLM, MagpieChatTemplateMixin):
     def client(self) -> _core.ClientvLLM:
         """The vllmclient client doing the work, rebuilt (it reconnects lazily) when a setting changed."""
         settings = self._settings()
-        if self._client is None or {name: getattr(self._client, name) for name in settings} != settings:
+        if self._client is None or settings != self._client_settings:  # compared as given: the core normalizes
             if self._client is not None:
                 self._client.close()
             self._client = _core.ClientvLLM(**settings)
+            self._client_settings = copy.deepcopy(settings)  # a header changed in place is a change too
         return self._client
 
     @property
