@@ -6,8 +6,10 @@ missing distilabel fails the module, since ``scripts/setup.sh`` installs the ``d
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +25,10 @@ else:
 from distilabel.models.llms.base import LLM, AsyncLLM
 from distilabel.pipeline import Pipeline
 from distilabel.steps import LoadDataFromDicts
-from distilabel.steps.tasks import MagpieGenerator, TextGeneration, UltraFeedback
+from distilabel.steps.tasks import MagpieGenerator, StructuredGeneration, TextGeneration, UltraFeedback
 from pydantic import BaseModel, ValidationError
 
-from vllmclient import PromptTooLongError
+from vllmclient import InvalidInputError, PromptTooLongError
 from vllmclient.integrations.distilabel import ClientvLLM
 
 from fake_vllm import FakeVLLM
@@ -166,6 +168,46 @@ def test_changed_setting_rebuilds_the_client(make_fake_vllm: Any, tokenizer_dir:
     llm.default_headers["X-Team"] = "b"  # changed in place: no assignment, still a new setting
     llm.generate_outputs([[{"role": "user", "content": "hi"}]], max_new_tokens=2)
     assert second.requests_to("/v1/completions")[-1].headers["x-team"] == "b"
+    llm.unload()
+
+
+def test_structured_generation_with_a_schema_per_row(fake_vllm: FakeVLLM, tokenizer_dir: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    # distilabel's StructuredInput: (conversation, {"format": ..., "schema": ...}) per row
+    person = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    rows = [
+        {"instruction": "a pet", "structured_output": {"format": "json", "schema": Pet}},
+        {"instruction": "a person", "structured_output": {"format": "json", "schema": person}},
+        {"instruction": "another person", "structured_output": {"format": "json", "schema": dict(person)}},
+        {"instruction": "another pet", "structured_output": {"format": "json", "schema": Pet.model_json_schema()}},
+        {"instruction": "a date [[2024-05]]", "structured_output": {"format": "regex", "schema": r"[0-9]{4}-[0-9]{2}"}},
+        {"instruction": "free text", "structured_output": None},
+        {"instruction": "broken", "structured_output": {"format": "json", "schema": {"type": "no-such-type"}}},
+    ]
+    task = StructuredGeneration(llm=make_llm(fake_vllm, tokenizer_dir), add_raw_input=False)
+    task.load()
+    with caplog.at_level(logging.WARNING, logger="vllmclient"):
+        out = next(task.process(rows))
+    task.unload()
+    generation = {row["instruction"]: row["generation"] for row in out}
+    Pet.model_validate_json(generation["a pet"])
+    Pet.model_validate_json(generation["another pet"])
+    assert set(json.loads(generation["a person"])) == set(json.loads(generation["another person"])) == {"name"}
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}", generation["a date [[2024-05]]"])
+    assert isinstance(generation["free text"], str)
+    assert generation["broken"] is None  # its own schema is invalid: only this row fails
+    assert "1 of 7 inputs failed" in caplog.text and "input 6" in caplog.text  # its index in the batch
+    # one bulk run per distinct spec; the two "person" rows (equal schemas) share one packed request
+    requests = fake_vllm.requests_to("/v1/completions")
+    assert len(requests) == 5
+    assert sum(isinstance(r.body["prompt"], list) and len(r.body["prompt"]) == 2 for r in requests) == 1
+
+    llm = make_llm(fake_vllm, tokenizer_dir)  # agenerate takes a structured input too
+    message = [{"role": "user", "content": "x"}]
+    one = llm.event_loop.run_until_complete(llm.agenerate((message, rows[0]["structured_output"])))
+    Pet.model_validate_json(one["generations"][0])
+    with pytest.raises(InvalidInputError, match="not a valid JSON schema"):
+        llm.event_loop.run_until_complete(llm.agenerate((message, rows[-1]["structured_output"])))
     llm.unload()
 
 

@@ -10,13 +10,16 @@ why) instead of taking its whole batch down. The only module of vllmclient that 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 try:
-    from distilabel.mixins.runtime_parameters import RuntimeParameter
-    from distilabel.models.llms.base import AsyncLLM
-    from distilabel.models.mixins.magpie import MagpieChatTemplateMixin
+    from distilabel.mixins.runtime_parameters import RuntimeParameter  # type: ignore[import-untyped]
+    from distilabel.models.llms.base import AsyncLLM  # type: ignore[import-untyped]
+    from distilabel.models.mixins.magpie import MagpieChatTemplateMixin  # type: ignore[import-untyped]
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"vllmclient.integrations.distilabel needs distilabel ({exc}): pip install 'pyvllmclient[distilabel]'"
@@ -35,6 +38,9 @@ from pydantic import (
 from .. import client as _core
 from .._bulk import log_failures
 from .._config import conceal
+from ..errors import InvalidInputError
+from ..results import GenerationError, failed_output
+from ..structured import from_distilabel
 
 if TYPE_CHECKING:
     from ..formatter import Conversation
@@ -42,12 +48,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ClientvLLM"]
 
-logger = logging.getLogger("vllmclient")
-
 _NO_BATCH_API = "vLLM serves no OpenAI Batch API; a pipeline's cache already resumes where it stopped"
 
 
-class ClientvLLM(AsyncLLM, MagpieChatTemplateMixin):
+class ClientvLLM(AsyncLLM, MagpieChatTemplateMixin):  # type: ignore[misc]  # distilabel is untyped
     """A distilabel ``LLM`` for a vLLM server, run by vllmclient: same fields as ``vllmclient.ClientvLLM``.
 
     ``generate`` (what tasks call through ``generate_outputs``) sends the whole batch through vllmclient's
@@ -138,19 +142,49 @@ class ClientvLLM(AsyncLLM, MagpieChatTemplateMixin):
         if self._client is not None:
             self._client.close()
 
-    def generate(  # type: ignore[override]
-        self, inputs: list[Conversation], num_generations: int = 1, **kwargs: Any
+    def generate(
+        self, inputs: list[Any], num_generations: int = 1, **kwargs: Any
     ) -> list[dict[str, Any]]:
-        """Every input in one bulk run (packed, bounded); a failed input gets ``None`` generations."""
-        outputs = self.client.generate(inputs, num_generations, progress=False, **kwargs)
-        log_failures(outputs, logging.WARNING, "their generations are None")
-        return [_as_distilabel(output) for output in outputs]
+        """Every input in one bulk run (packed, bounded); a failed input gets ``None`` generations.
 
-    async def agenerate(  # type: ignore[override]
-        self, input: Conversation, num_generations: int = 1, **kwargs: Any
+        distilabel's structured inputs, ``(conversation, {"format": "json"|"regex", "schema": ...})``, run
+        as one bulk run per distinct spec (``None``: the LLM's own ``structured_output``).
+        """
+        outputs: list[GenerateOutput | None] = [None] * len(inputs)
+        groups: dict[str, tuple[dict[str, Any], list[int], list[Conversation]]] = {}
+        for index, item in enumerate(inputs):
+            conversation, spec = _split(item)
+            try:
+                params = _structured_params(spec)
+            except ValueError as exc:
+                error = InvalidInputError(f"input {index}: {exc}")
+                outputs[index] = failed_output(num_generations, GenerationError.from_exception(index, error))
+                continue
+            key = json.dumps(params, sort_keys=True, default=lambda value: f"{value!r}@{id(value)}")
+            _, indexes, conversations = groups.setdefault(key, (params, [], []))
+            indexes.append(index)
+            conversations.append(conversation)
+        for params, indexes, conversations in groups.values():
+            results = self.client.generate(conversations, num_generations, progress=False, **{**kwargs, **params})
+            for index, output in zip(indexes, results, strict=True):
+                if "error" in output:  # its index in the whole batch, for the warning below
+                    output["error"] = dataclasses.replace(output["error"], index=index)
+                outputs[index] = output
+        done = [output for output in outputs if output is not None]
+        log_failures(done, logging.WARNING, "their generations are None")
+        return [_as_distilabel(output) for output in done]
+
+    async def agenerate(
+        self, input: Any, num_generations: int = 1, **kwargs: Any
     ) -> dict[str, Any]:
-        """Generate for one conversation; the parameters are ``vllmclient.GenerationParams`` ' fields."""
-        return _as_distilabel(await self.client.agenerate(input, num_generations, **kwargs))
+        """Generate for one conversation (or structured input); raises on failure. The parameters are
+        ``vllmclient.GenerationParams``' fields."""
+        conversation, spec = _split(input)
+        try:
+            params = _structured_params(spec)
+        except ValueError as exc:
+            raise InvalidInputError(f"input 0: {exc}") from None
+        return _as_distilabel(await self.client.agenerate(conversation, num_generations, **{**kwargs, **params}))
 
 
 # vllmclient's sampling parameters are agenerate's: distilabel lists them as generation_kwargs' keys.
@@ -158,6 +192,25 @@ ClientvLLM.agenerate.__signature__ = _core.ClientvLLM.agenerate.__signature__  #
 
 _SHARED_FIELDS = [name for name in _core.ClientvLLM.model_fields if name in ClientvLLM.model_fields
                   and name != "generation_kwargs"]
+
+
+def _split(item: Any) -> tuple[Any, Any]:
+    """distilabel's ``StructuredInput`` is ``(conversation, structured_output)``; a conversation is a list of dicts."""
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], list):
+        return item[0], item[1]
+    return item, None
+
+
+def _structured_params(spec: Any) -> dict[str, Any]:
+    """A row's own structured output as vllmclient parameters; ``None``: the LLM's default applies."""
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping) and spec.get("format") == "regex":
+        if not isinstance(spec.get("schema"), str):
+            raise ValueError(f"structured_output {{'format': 'regex'}} needs the pattern as 'schema', got {spec!r}")
+        return {"structured_outputs": {"regex": spec["schema"]}}
+    schema, retries = from_distilabel(spec)
+    return {"structured_outputs": schema} | ({} if retries is None else {"structured_outputs_retries": retries})
 
 
 def _as_distilabel(output: GenerateOutput) -> dict[str, Any]:
