@@ -153,6 +153,20 @@ def test_dump_and_from_dict_round_trip_without_secrets(tokenizer_dir: Path) -> N
     assert again.magpie_pre_query_template == llm.magpie_pre_query_template
 
 
+def test_structured_output_class_is_saved_as_its_json_schema(fake_vllm: FakeVLLM, tokenizer_dir: Path,
+                                                             tmp_path: Path) -> None:
+    # distilabel writes dumps as JSON/YAML (pipeline.yaml, the cache signature): a model class cannot go there
+    llm = make_llm(fake_vllm, tokenizer_dir, structured_output={"schema": Pet, "format": "json", "max_retries": 1})
+    data = llm.dump()
+    assert data["structured_output"] == {"schema": Pet.model_json_schema(), "format": "json", "max_retries": 1}
+    llm.save(tmp_path / "llm.yaml", format="yaml")
+    again = LLM.from_yaml(tmp_path / "llm.yaml")
+    assert again.structured_output == data["structured_output"]
+    output = again.generate_outputs([[{"role": "user", "content": "a pet"}]], max_new_tokens=64)
+    Pet.model_validate_json(output[0]["generations"][0])
+    again.unload()
+
+
 def test_changed_setting_rebuilds_the_client(make_fake_vllm: Any, tokenizer_dir: Path) -> None:
     first = make_fake_vllm()
     second = make_fake_vllm(models=[{"id": "other-model", "max_model_len": 1024}])

@@ -25,6 +25,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         f"vllmclient.integrations.distilabel needs distilabel ({exc}): pip install 'pyvllmclient[distilabel]'"
     ) from exc
 from pydantic import (
+    BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -113,6 +114,13 @@ class ClientvLLM(AsyncLLM, MagpieChatTemplateMixin):  # type: ignore[misc]  # di
     def _drop_secrets(self, value: dict[str, Any] | None) -> Any:
         """Pipelines are saved to disk and hashed: auth headers, cookies and passwords are left out (as api_key is)."""
         return _without_secrets(conceal(value))
+
+    @field_serializer("structured_output")
+    def _schema_as_json(self, value: dict[str, Any] | None) -> Any:
+        """A model class is saved as its JSON schema (dumps go to JSON/YAML files), as distilabel saves it."""
+        if value is not None and isinstance(value.get("schema"), type) and issubclass(value["schema"], BaseModel):
+            return {**value, "schema": value["schema"].model_json_schema()}
+        return value
 
     def _settings(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _SHARED_FIELDS}
