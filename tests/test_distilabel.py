@@ -167,6 +167,18 @@ def test_structured_output_class_is_saved_as_its_json_schema(fake_vllm: FakeVLLM
     again.unload()
 
 
+def test_a_loaded_dump_takes_its_key_from_the_environment(make_fake_vllm: Any, tokenizer_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    server = make_fake_vllm(api_key="sk-server")
+    data = make_llm(server, tokenizer_dir, api_key="sk-server").dump()
+    assert "api_key" not in data
+    monkeypatch.setenv("VLLM_API_KEY", "sk-server")  # as for vllmclient.ClientvLLM: never in the saved file
+    again = LLM.from_dict(data)
+    again.load()
+    assert again.generate_outputs([[{"role": "user", "content": "hi"}]], max_new_tokens=2)[0]["generations"][0]
+    again.unload()
+
+
 def test_changed_setting_rebuilds_the_client(make_fake_vllm: Any, tokenizer_dir: Path) -> None:
     first = make_fake_vllm()
     second = make_fake_vllm(models=[{"id": "other-model", "max_model_len": 1024}])
