@@ -633,6 +633,7 @@ class FakeVLLM:
         self.reasoning_parser = reasoning_parser  # as `vllm serve --reasoning-parser ...`: thinking split off
         self.requests: list[Recorded] = []
         self.completion_requests = 0
+        self.streams_aborted = 0  # streamed answers whose client went away before the end
         self.max_in_flight_requests = 0
         self.max_in_flight_sequences = 0
         self.in_flight_requests = 0
@@ -648,6 +649,8 @@ class FakeVLLM:
         self._prompt_failures: dict[str, tuple[int, str | None]] = {}
         self._breaks: dict[str, int] = {}
         self._slow_prompts: dict[str, float] = {}
+        self._stream_delay = 0.0
+        self._stream_errors: deque[tuple[int, dict[str, Any]]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -758,6 +761,7 @@ class FakeVLLM:
         with self._lock:
             self.requests.clear()
             self.completion_requests = 0
+            self.streams_aborted = 0
             self.max_in_flight_requests = self.in_flight_requests
             self.max_in_flight_sequences = self.in_flight_sequences
 
@@ -808,6 +812,18 @@ class FakeVLLM:
         with self._lock:
             self._slow_prompts[marker] = seconds
 
+    def slow_streams(self, seconds_per_chunk: float) -> None:
+        """Stream answers (``stream: true``) one chunk every ``seconds_per_chunk``, as a model generating slowly."""
+        with self._lock:
+            self._stream_delay = seconds_per_chunk
+
+    def fail_next_stream(self, *, after_chunks: int = 1, status: int = 500, message: str = "Internal server error",
+                         type_: str = "InternalServerError") -> None:
+        """The next streamed answer sends ``after_chunks`` chunks, then vLLM's mid-stream error event
+        (``data: {"error": {...}}``, as its GenerationError handler sends), then ``data: [DONE]``."""
+        with self._lock:
+            self._stream_errors.append((after_chunks, error_body(status, message, type_=type_)))
+
     def drop_next(self, *, path: str = "/v1/completions", times: int = 1, match: str | None = None) -> None:
         """Close the connection without answering the next ``times`` requests to ``path``."""
         self._add_fault(path, _Fault("drop", times), match)
@@ -841,6 +857,8 @@ class FakeVLLM:
             self._prompt_failures.clear()
             self._breaks.clear()
             self._slow_prompts.clear()
+            self._stream_errors.clear()
+            self._stream_delay = 0.0
 
     def requests_to(self, path: str) -> list[Recorded]:
         """Recorded requests whose path is ``path``."""
@@ -1240,7 +1258,8 @@ class FakeVLLM:
                         free = constraint is not None and self._take_break(text)
                         results.append((len(ids), _generate(self._tok, text, j, tag, False, params, free)))
             if body.get("stream"):
-                response = await self._stream_completion(request, body, model, request_id, prompts, n, results)
+                response = await self._streamed(
+                    self._stream_completion(request, body, model, request_id, prompts, n, results))
             else:
                 response = self._completion_response(body, model, request_id, prompts, n, results, echo)
             answered = True
@@ -1291,6 +1310,7 @@ class FakeVLLM:
         continuous = include_usage and bool(opts.get("continuous_usage_stats"))
         created = int(time.time())
         resp = await _open_sse(request, self.request_id_headers, request.get(_REQUEST_ID) or request_id[5:])
+        out = _SSEOut(self, resp)
         pieces = [_split_ids(c.ids) for _, c in results]
         sent_tokens = [0] * len(results)
         sent_chars = [0] * len(results)
@@ -1324,15 +1344,24 @@ class FakeVLLM:
                     chunk["usage"] = _usage(plen, sent_tokens[index], details=False)
                 if emitted == total_chunks and not include_usage:
                     chunk["system_fingerprint"] = self._fingerprint
-                await resp.write(_sse(chunk))
+                await out.send(chunk)
         if include_usage:
             prompt_tokens = sum(len(ids) for _, ids, _ in prompts)
-            await resp.write(_sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
+            await out.send({"id": request_id, "object": "text_completion", "created": created, "model": model,
                                    "choices": [], "usage": _usage(prompt_tokens, sum(sent_tokens), details=False),
-                                   "system_fingerprint": self._fingerprint}))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+                            "system_fingerprint": self._fingerprint})
+        return await out.done()
+
+    async def _streamed(self, sending: Awaitable[web.StreamResponse]) -> web.StreamResponse:
+        """Run a streamed answer; count it as aborted when the client goes away before its end."""
+        try:
+            return await sending
+        except _StreamCut as cut:
+            return cut.response
+        except (asyncio.CancelledError, ConnectionResetError):
+            with self._lock:
+                self.streams_aborted += 1
+            raise
 
     # ----------------------------------------------------------------- chat
 
@@ -1419,7 +1448,8 @@ class FakeVLLM:
             choices = [_generate(self._tok, prompt, j, tag, True, params,
                                  params.constraint is not None and self._take_break(prompt)) for j in range(n)]
             if body.get("stream"):
-                response = await self._stream_chat(request, body, model, request_id, prompt_ids, choices, k)
+                response = await self._streamed(
+                    self._stream_chat(request, body, model, request_id, prompt_ids, choices, k))
             else:
                 response = self._chat_response(body, model, request_id, prompt_ids, choices, k)
             answered = True
@@ -1470,6 +1500,7 @@ class FakeVLLM:
         include_usage = bool(opts.get("include_usage"))
         created = int(time.time())
         resp = await _open_sse(request, self.request_id_headers, request.get(_REQUEST_ID) or request_id[9:])
+        out = _SSEOut(self, resp)
 
         def chunk(choice: dict[str, Any], first: bool = False) -> dict[str, Any]:
             data = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -1478,10 +1509,29 @@ class FakeVLLM:
                 data["prompt_token_ids"] = list(prompt_ids)
             return data
 
+        tools = body.get("tools") if body.get("tool_choice") != "none" else None
         for j in range(len(choices)):
-            await resp.write(_sse(chunk({"index": j, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None}, first=j == 0)))
-        pieces = [_split_ids(c.ids) for c in choices]
+            await out.send(chunk({"index": j, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}, first=j == 0))
+            if self.reasoning_parser:  # as vLLM's reasoning parser: the thinking first, in its own deltas
+                for word in ("thinking about", f" choice {j}"):
+                    await out.send(chunk({"index": j, "delta": {"reasoning": word}, "logprobs": None,
+                                          "finish_reason": None}))
+        if tools:  # as vLLM's tool parser: a header delta (id, name), then the arguments in pieces
+            name = tools[0]["function"]["name"]
+            for j, c in enumerate(choices):
+                arguments = json.dumps({"text": c.text})
+                await out.send(chunk({"index": j, "delta": {"tool_calls": [{
+                    "index": 0, "id": f"chatcmpl-tool-{j}", "type": "function",
+                    "function": {"name": name, "arguments": ""}}]}, "logprobs": None, "finish_reason": None}))
+                for start in range(0, len(arguments), 8):
+                    last = start + 8 >= len(arguments)
+                    await out.send(chunk({"index": j, "delta": {"tool_calls": [{
+                        "index": 0, "function": {"arguments": arguments[start:start + 8]}}]}, "logprobs": None,
+                        "finish_reason": "tool_calls" if last else None}))
+            pieces: list[list[list[int]]] = [[] for _ in choices]
+        else:
+            pieces = [_split_ids(c.ids) for c in choices]
         sent = [0] * len(choices)
         for step in range(max(len(p) for p in pieces)):
             for j, c in enumerate(choices):
@@ -1501,15 +1551,13 @@ class FakeVLLM:
                     choice["stop_reason"] = c.stop_reason
                 if return_ids:
                     choice["token_ids"] = list(part)
-                await resp.write(_sse(chunk(choice)))
+                await out.send(chunk(choice))
         if include_usage:
-            await resp.write(_sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
+            await out.send({"id": request_id, "object": "chat.completion.chunk", "created": created,
                                    "model": model, "choices": [],
                                    "usage": _usage(len(prompt_ids), sum(len(c.ids) for c in choices), details=False),
-                                   "system_fingerprint": self._fingerprint}))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+                            "system_fingerprint": self._fingerprint})
+        return await out.done()
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -1592,6 +1640,40 @@ async def _open_sse(request: web.Request, echo_id: bool, request_id: str) -> web
     resp = web.StreamResponse(status=200, headers=headers)
     await resp.prepare(request)
     return resp
+
+
+class _StreamCut(Exception):
+    """An injected mid-stream error was sent: the answer ends there."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("stream cut")
+        self.response = response
+
+
+class _SSEOut:
+    """Writes one streamed answer's chunks, paced by ``slow_streams`` and cut by ``fail_next_stream``."""
+
+    def __init__(self, fake: FakeVLLM, resp: web.StreamResponse) -> None:
+        self.resp = resp
+        with fake._lock:
+            self.delay = fake._stream_delay
+            self.error = fake._stream_errors.popleft() if fake._stream_errors else None
+        self.sent = 0
+
+    async def send(self, data: dict[str, Any]) -> None:
+        if self.error is not None and self.sent >= self.error[0]:
+            await self.resp.write(_sse(self.error[1]))  # vLLM: the error event, then [DONE]
+            await self.done()
+            raise _StreamCut(self.resp)
+        if self.delay and self.sent:
+            await asyncio.sleep(self.delay)
+        await self.resp.write(_sse(data))
+        self.sent += 1
+
+    async def done(self) -> web.StreamResponse:
+        await self.resp.write(b"data: [DONE]\n\n")
+        await self.resp.write_eof()
+        return self.resp
 
 
 def _json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None,
