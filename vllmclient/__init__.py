@@ -3,6 +3,7 @@
 ``from vllmclient import ClientvLLM`` is a drop-in for ``distilabel.models.llms.ClientvLLM``.
 """
 
+from ._stream import StreamEnd, StreamEvent, TextDelta
 from .client import ClientvLLM
 from .errors import (
     APIError,
@@ -48,6 +49,9 @@ __all__ = [
     "ServerError",
     "ServerTimeoutError",
     "ServerUnreachableError",
+    "StreamEnd",
+    "StreamEvent",
+    "TextDelta",
     "UnknownFieldWarning",
     "VLLMClientError",
     "__version__",

@@ -136,11 +136,7 @@ class Engine:
         try:
             response = await sending
         except (openai.OpenAIError, OSError) as exc:  # OSError: e.g. out of file descriptors, under the SDK
-            timeout = self.aclient.timeout
-            seconds = timeout.read if isinstance(timeout, httpx2.Timeout) else timeout
-            raise from_openai(
-                exc, base_url=self.base_url, served_models=self.served_models, timeout=seconds
-            ) from exc
+            raise self.translate(exc) from exc
         try:
             return json.loads(response.content)
         except ValueError as exc:
@@ -149,6 +145,12 @@ class Engine:
                 status_code=response.status_code,
                 request_id=response.headers.get("x-request-id"),
             ) from exc
+
+    def translate(self, exc: BaseException) -> VLLMClientError:
+        """Ours for an SDK exception (or an ``OSError`` from under the SDK)."""
+        timeout = self.aclient.timeout
+        seconds = timeout.read if isinstance(timeout, httpx2.Timeout) else timeout
+        return from_openai(exc, base_url=self.base_url, served_models=self.served_models, timeout=seconds)
 
     async def one(self, payload: Any, request: Request) -> GenerateOutput:
         """A single input; errors are raised (agenerate's contract)."""

@@ -80,13 +80,15 @@ class Ticket:
     Taken when the SDK hands the built request to the transport and given back when the answer's
     headers arrive (httpx2 event hooks), so the SDK's own work on either side overlaps other requests'
     time on the server instead of leaving slots idle. A retry after an error answer queues again; one
-    after a connection error (no answer) keeps its slots through the SDK's back-off.
+    after a connection error (no answer) keeps its slots through the SDK's back-off. A streamed answer
+    (``until_closed``) keeps its slots past a successful answer's headers, until whoever reads it leaves.
     """
 
-    __slots__ = ("amount", "capacity", "entered", "held", "seconds")
+    __slots__ = ("amount", "capacity", "entered", "held", "seconds", "until_closed")
 
-    def __init__(self, capacity: Capacity, amount: int) -> None:
+    def __init__(self, capacity: Capacity, amount: int, *, until_closed: bool = False) -> None:
         self.capacity, self.amount = capacity, amount
+        self.until_closed = until_closed
         self.held = False
         self.entered = 0.0
         self.seconds: float | None = None
@@ -116,7 +118,7 @@ async def _on_request(request: httpx2.Request) -> None:
 
 async def _on_response(response: httpx2.Response) -> None:
     claim = ticket.get()
-    if claim is not None:
+    if claim is not None and not (claim.until_closed and response.status_code < 400):
         claim.leave()
 
 

@@ -14,7 +14,7 @@ from ._request import Request
 from .errors import APIError
 from .results import GenerateOutput, Logprob, empty_output
 
-__all__ = ["chat_output", "completion_outputs", "read"]
+__all__ = ["chat_logprobs", "chat_output", "completion_logprobs", "completion_outputs", "read"]
 
 T = TypeVar("T")
 
@@ -50,7 +50,7 @@ def completion_outputs(data: dict[str, Any], prompts: int, request: Request, req
         elif prompts == 1:
             stats["input_tokens"][j] = usage.get("prompt_tokens")
         if request.logprobs is not None:
-            output.setdefault("logprobs", [[] for _ in range(n)])[j] = _completion_logprobs(choice.get("logprobs"))
+            output.setdefault("logprobs", [[] for _ in range(n)])[j] = completion_logprobs(choice.get("logprobs"))
         if request.prompt_logprobs is not None and "prompt_logprobs" not in output and choice.get("prompt_logprobs"):
             output["prompt_logprobs"] = _prompt_logprobs(choice["prompt_logprobs"])
     for output in outputs:  # prompt_token_ids may be on the first choice of a prompt only
@@ -83,18 +83,22 @@ def chat_output(data: dict[str, Any], request: Request, request_id: str) -> Gene
         if reasoning is not None:
             output.setdefault("reasoning", [None] * n)[j] = reasoning
         if request.logprobs is not None:
-            content = (choice.get("logprobs") or {}).get("content") or []
-            output.setdefault("logprobs", [[] for _ in range(n)])[j] = [
-                [{"token": top["token"], "logprob": top["logprob"]} for top in position.get("top_logprobs") or []]
-                or [{"token": position["token"], "logprob": position["logprob"]}]
-                for position in content
-            ]
+            output.setdefault("logprobs", [[] for _ in range(n)])[j] = chat_logprobs(choice.get("logprobs"))
     if request.prompt_logprobs is not None and data.get("prompt_logprobs") is not None:
         output["prompt_logprobs"] = _prompt_logprobs(data["prompt_logprobs"])
     return output
 
 
-def _completion_logprobs(logprobs: dict[str, Any] | None) -> list[list[Logprob]]:
+def chat_logprobs(logprobs: dict[str, Any] | None) -> list[list[Logprob]]:
+    """The chat API's ``{content: [{token, logprob, top_logprobs}]}`` → per-position top-k lists."""
+    return [
+        [{"token": top["token"], "logprob": top["logprob"]} for top in position.get("top_logprobs") or []]
+        or [{"token": position["token"], "logprob": position["logprob"]}]
+        for position in (logprobs or {}).get("content") or []
+    ]
+
+
+def completion_logprobs(logprobs: dict[str, Any] | None) -> list[list[Logprob]]:
     """vLLM's ``{tokens, token_logprobs, top_logprobs}`` → distilabel's per-position top-k lists."""
     if not logprobs:
         return []

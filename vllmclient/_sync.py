@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from .errors import VLLMClientError
@@ -135,6 +135,21 @@ class LoopThread:
         finally:
             future.cancel()
 
+    def iterate(self, stream: AsyncGenerator[T, None]) -> Iterator[T]:
+        """Iterate from synchronous code (a script, a notebook cell) an async generator that runs on this loop.
+
+        Each item is one ``run()``, so Ctrl-C works as for any call; leaving the loop early (``break``, an
+        exception, the iterator dropped or closed) closes the generator on the loop at once.
+        """
+        try:
+            while True:
+                item = self.run(_anext(stream))
+                if item is _END:
+                    return
+                yield item
+        finally:
+            self.run(stream.aclose())
+
     def stop(self) -> None:
         """Close what was registered, then end the thread; safe to call twice, and at interpreter exit."""
         with self._lock:
@@ -150,6 +165,17 @@ class LoopThread:
         concurrent.futures.wait([done], timeout=15)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
+
+
+_END: Any = object()
+
+
+async def _anext(stream: AsyncGenerator[T, None]) -> T:
+    """The next item, or ``_END`` at the end (``run()`` takes a coroutine; ``__anext__()`` is not one)."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return _END  # type: ignore[no-any-return]
 
 
 def _settle(task: asyncio.Task[T], outcome: concurrent.futures.Future[T], finished: threading.Event) -> None:

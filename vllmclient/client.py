@@ -14,7 +14,7 @@ import inspect
 import logging
 import os
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import openai
@@ -35,6 +35,7 @@ from ._engine import Engine, _as_input_error
 from ._http import http_client
 from ._request import Request, build_request
 from ._server import ServerInfo, check_tokenizer, discover
+from ._stream import StreamEvent, check_streamable, stream_events
 from ._sync import LoopThread
 from .checkpoint import Checkpoint
 from .errors import ConfigurationError, InvalidInputError
@@ -424,14 +425,45 @@ class ClientvLLM(BaseModel):
         await self._setup()
         assert self._engine is not None
         request = self._request(params)
+        return await self._engine.one(self._prepare_one(conversation, request), request)
+
+    def _prepare_one(self, conversation: Conversation, request: Request) -> Any:
         try:
-            payload = prepare_for(self._formatter, request)(0, conversation)
+            return prepare_for(self._formatter, request)(0, conversation)
         except Exception as exc:
             error = _as_input_error(0, exc)  # ours, as in a bulk call
             if error is exc:
                 raise
             raise error from exc
-        return await self._engine.one(payload, request)
+
+    def astream(self, input: Conversation, **params: Any) -> AsyncIterator[StreamEvent]:
+        """Generate for one conversation, yielding the answer as it is written: ``TextDelta`` events, then
+        one ``StreamEnd`` (finish reason, token counts, time to first token, latency, request id).
+
+        ``params`` are ``agenerate``'s (over the client's ``generation_kwargs``), checked before sending; one
+        generation per stream. Leaving the loop early (``break``) closes the connection, and vLLM aborts the
+        request; until then the stream holds its share of ``max_concurrency``. Errors, including one the
+        server reports mid-stream, are raised as ``vllmclient.errors``.
+        """
+        return self._loop.aiter(self._stream_one(input, params))
+
+    def stream(self, input: Conversation, **params: Any) -> Iterator[StreamEvent]:
+        """``astream`` for synchronous code: scripts, notebook cells, even code run inside an event loop."""
+        return self._loop.iterate(self._stream_one(input, params))
+
+    async def _stream_one(self, conversation: Conversation, params: dict[str, Any]) -> AsyncGenerator[StreamEvent]:
+        """Runs on the private loop."""
+        await self._setup()
+        assert self._engine is not None
+        defaults = {name: value for name, value in self.generation_kwargs.items() if name != "num_generations"}
+        request = self._request({**defaults, **params})
+        check_streamable(request)
+        events = stream_events(self._engine, request, self._prepare_one(conversation, request))
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
 
     def generate(
         self,

@@ -205,16 +205,44 @@ def from_openai(
 
     if isinstance(exc, (openai.APIConnectionError, OSError)):  # APIConnectionError includes APITimeoutError
         return _network_error(exc, base_url, timeout)
+    body = getattr(exc, "body", None)
     if not isinstance(exc, openai.APIStatusError):
-        return APIError(str(exc) or exc.__class__.__name__, body=getattr(exc, "body", None))
-
-    status = exc.status_code
-    body = exc.body
+        if isinstance(body, dict) and isinstance(body.get("code"), int):  # vLLM's error event in a stream
+            message = body.get("message")
+            return _status_error(
+                body["code"], _words(message if isinstance(message, str) and message else str(exc)), body=body,
+                request_id=None, base_url=base_url, served_models=served_models, html=False,
+                mid_stream=True,
+            )
+        return APIError(str(exc) or exc.__class__.__name__, body=body)
     server_message = body.get("message") if isinstance(body, dict) else body
     if not isinstance(server_message, str) or not server_message:
         server_message = exc.response.text or exc.message
-    server_message = _words(server_message)
-    common: dict[str, Any] = {"status_code": status, "request_id": exc.request_id, "body": body}
+    return _status_error(
+        exc.status_code, _words(server_message), body=body, request_id=exc.request_id, base_url=base_url,
+        served_models=served_models, html=_is_html(exc.response.text),
+    )
+
+
+def _status_error(
+    status: int,
+    server_message: str,
+    *,
+    body: Any,
+    request_id: str | None,
+    base_url: str,
+    served_models: Sequence[str],
+    html: bool,
+    mid_stream: bool = False,
+) -> VLLMClientError:
+    """Ours for an error the server answered with ``status`` (or sent as a stream's error event)."""
+    common: dict[str, Any] = {"status_code": status, "request_id": request_id, "body": body}
+    if mid_stream and status >= 500:
+        return ServerError(
+            f"The vLLM server failed in the middle of the streamed answer ({status}: {server_message}); the "
+            "text received so far is incomplete. Check the server's log for this request id.",
+            **common,
+        )
     if status in (401, 403):
         return AuthenticationError(
             f"The vLLM server at {base_url} refused the API key (HTTP {status}: {server_message}). "
@@ -241,7 +269,7 @@ def from_openai(
             return too_long
         return BadRequestError(f"The server rejected the request (HTTP {status}): {server_message}", **common)
     if status >= 500:
-        who = "A proxy in front of the vLLM server" if _is_html(exc.response.text) else "The vLLM server"
+        who = "A proxy in front of the vLLM server" if html else "The vLLM server"
         return ServerError(f"{who} failed (HTTP {status}): {server_message}", **common)
     if status == 429:
         return APIError(
