@@ -179,7 +179,7 @@ BAD_CALLS = [
     row("openai-name-max_tokens", {"max_tokens": 5}, "'max_tokens'", "max_new_tokens"),
     row("openai-name-n", {"n": 2}, "'n'", "num_generations"),
     row("openai-name-top_logprobs", {"top_logprobs": 2}, "'top_logprobs'", "logprobs"),
-    row("stream", {"stream": True}, "'stream'", "aiter_generate"),
+    row("stream", {"stream": True}, "'stream'", "stream(...) or astream(...)", "aiter_generate"),
     # every generation parameter: wrong types, ranges and empties
     row("max_new_tokens-0", {"max_new_tokens": 0}, "max_new_tokens=0", "greater than or equal to 1", "int >= 1"),
     row("max_new_tokens-str", {"max_new_tokens": "128"}, "max_new_tokens='128'", "valid integer"),

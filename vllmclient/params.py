@@ -259,8 +259,8 @@ def parse_params(values: Mapping[str, Any]) -> GenerationParams:
 _INSTEAD = {
     "n": "use num_generations=",
     "top_logprobs": "use logprobs=",
-    "stream": "the client streams nothing token by token; aiter_generate(...) yields each input's result as it "
-    "completes",
+    "stream": "for one answer token by token use stream(...) or astream(...); aiter_generate(...) yields each "
+    "input's result as it completes",
 }
 
 
