@@ -37,7 +37,7 @@ def test_generate_returns_distilabel_shape_with_exact_statistics(llm, fake_vllm,
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     assert [o["generations"][0].split()[0] for o in outputs] == ["a", "b"]
     for output in outputs:
-        assert set(output) == {"generations", "statistics", "finish_reasons", "request_id"}
+        assert set(output) == {"generations", "statistics", "finish_reasons", "request_id", "latency"}
         assert len(output["generations"]) == 3
         assert all(isinstance(text, str) for text in output["generations"])
         stats = output["statistics"]
@@ -51,6 +51,24 @@ def test_generate_returns_distilabel_shape_with_exact_statistics(llm, fake_vllm,
     body = fake_vllm.requests_to("/v1/completions")[-1].body
     for prompt, output in zip(body["prompt"], outputs, strict=True):
         assert output["statistics"]["input_tokens"] == [len(tokenizer.encode(prompt, add_special_tokens=False))] * 3
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["template", "chat"])
+def test_each_output_has_the_latency_of_its_request(fake_vllm, tokenizer_dir, chat):
+    fake_vllm.slow_prompts_containing("[[slow]]", 0.3)
+    with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=None if chat else tokenizer_dir, pack_size=2) as llm:
+        outputs = llm.generate([user("[[a]] x"), user("[[b]] y"), user("[[slow]] z"), user("[[c]] w"),
+                                [{"role": "user"}]])
+        single = asyncio.run(llm.agenerate(user("[[slow]] again")))
+    *answered, failed = outputs
+    assert "latency" not in failed and "error" in failed  # nothing was sent for it
+    for output in [*answered, single]:
+        assert isinstance(output["latency"], float) and output["latency"] > 0
+    by_request = {}
+    for output in answered:  # inputs packed into one request share its latency
+        assert by_request.setdefault(output["request_id"], output["latency"]) == output["latency"]
+    assert len(by_request) == (4 if chat else 2)
+    assert outputs[2]["latency"] >= 0.3 and single["latency"] >= 0.3  # the server's own delay: a lower bound
 
 
 def test_agenerate_defaults_and_vllm_parameters_in_the_body(llm, fake_vllm):

@@ -100,13 +100,14 @@ class Engine:
         self.connections = Capacity(connections)  # requests in flight: at most one per pooled connection
         self.sizer = PackSizer(pack_size)
 
-    async def post(self, path: str, body: dict[str, Any], sequences: int) -> tuple[Any, str]:
+    async def post(self, path: str, body: dict[str, Any], sequences: int) -> tuple[Any, str, float | None]:
         """One request through the SDK (its retries and timeouts), JSON decoded without model parsing.
 
         ``sequences`` is what the request holds of the capacity while the server works on it. A connection
         is taken first, before any slot, and kept until the answer is read: the pool never makes it wait.
         The request carries an ``X-Request-Id`` of ours (vLLM names the request after it in its log, and in
         the answer's ``id``); it is returned with the data and set on any error, so every result can be traced.
+        Also returned: the seconds from the send (of the last attempt) to the answer.
         """
         request_id = f"vllmclient-{uuid.uuid4().hex}"
         await self.connections.acquire(1)
@@ -127,7 +128,7 @@ class Engine:
             self.connections.release(1)
         if claim.seconds is not None:
             self.sizer.observe(claim.seconds)
-        return data, request_id
+        return data, request_id, claim.seconds
 
     async def get(self, path: str) -> Any:
         return await self._call(self.aclient.get(path, cast_to=httpx2.Response))
@@ -163,10 +164,17 @@ class Engine:
         """One request for these payloads (a chat request takes exactly one); errors are raised."""
         if request.chat:
             (messages,) = payloads
-            data, request_id = await self.post("/chat/completions", request.with_messages(messages), request.n)
-            return [read(chat_output, data, request, request_id)]
-        data, request_id = await self.post("/completions", request.with_prompts(payloads), len(payloads) * request.n)
-        return read(completion_outputs, data, len(payloads), request, request_id)
+            data, request_id, seconds = await self.post("/chat/completions", request.with_messages(messages), request.n)
+            outputs = [read(chat_output, data, request, request_id)]
+        else:
+            data, request_id, seconds = await self.post(
+                "/completions", request.with_prompts(payloads), len(payloads) * request.n
+            )
+            outputs = read(completion_outputs, data, len(payloads), request, request_id)
+        if seconds is not None:
+            for output in outputs:
+                output["latency"] = seconds
+        return outputs
 
     async def stream(
         self, items: Iterable[tuple[int, Any]], request: Request, prepare: Prepare

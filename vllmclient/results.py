@@ -28,6 +28,9 @@ class GenerateOutput(TypedDict):
     ``request_id`` is the ``X-Request-Id`` of the request that produced it (find it in the server's log;
     ``None`` when nothing was sent). Present only when there is something to say:
 
+    - ``latency``: seconds from that request's send (after any wait for a free slot) to its answer; the
+      inputs packed into one request share it;
+
     - ``logprobs``: when requested; per generation, per generated token, the top tokens;
     - ``prompt_logprobs``: when requested; per prompt token, the top tokens (``None`` for the first);
     - ``tool_calls``: per generation, the OpenAI tool calls the server's tool parser found, or ``None``;
@@ -44,6 +47,7 @@ class GenerateOutput(TypedDict):
     statistics: Statistics
     finish_reasons: list[str | None]
     request_id: str | None
+    latency: NotRequired[float]
     logprobs: NotRequired[list[list[list[Logprob]]]]
     prompt_logprobs: NotRequired[list[list[Logprob] | None]]
     tool_calls: NotRequired[list[list[dict[str, Any]] | None]]

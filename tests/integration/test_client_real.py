@@ -199,7 +199,7 @@ def test_chat_path_gives_the_same_shapes_and_texts(llm: ClientvLLM, chat_llm: Cl
     inputs = [user(q) for q in QUESTIONS[:4]] + [varied(3)]
     chat = chat_llm.generate(inputs, num_generations=2, temperature=1.0, seed=5, max_new_tokens=24)
     for output in chat:
-        assert set(output) == {"generations", "statistics", "finish_reasons", "request_id"}
+        assert set(output) == {"generations", "statistics", "finish_reasons", "request_id", "latency"}
         assert len(output["generations"]) == 2 and all(isinstance(t, str) and t for t in output["generations"])
         assert all(isinstance(c, int) and c > 0 for c in output["statistics"]["input_tokens"])
         assert all(isinstance(c, int) and 0 < c <= 24 for c in output["statistics"]["output_tokens"])
