@@ -148,3 +148,21 @@ def test_close_while_a_call_runs_ends_that_call_with_a_clear_error(fake_vllm, to
     fake_vllm.latency = 0
     assert llm.generate_outputs([user("[[again]] x")])[0][0].startswith("again")  # reconnects
     llm.close()
+
+
+def test_aclose_while_aiter_generate_runs_ends_it_with_a_clear_error(fake_vllm, tokenizer_dir):
+    """The async iteration used to wait forever: its pump was cancelled by close() without a word."""
+    from vllmclient import VLLMClientError
+
+    fake_vllm.slow_prompts_containing("[[slow]]", 2.0)
+    llm = ClientvLLM(base_url=fake_vllm.base_url, tokenizer=tokenizer_dir, pack_size=1)
+
+    async def main() -> None:
+        results = llm.aiter_generate([user("[[fast]] x"), user("[[slow]] y")], progress=False)
+        await anext(results)
+        await llm.aclose()
+        with pytest.raises(VLLMClientError, match="the client was closed"):
+            await asyncio.wait_for(anext(results), 30)  # a deadline against the hang
+
+    asyncio.run(main())
+    llm.close()

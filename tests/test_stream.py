@@ -21,6 +21,7 @@ from vllmclient import (
     ServerError,
     StreamEnd,
     TextDelta,
+    VLLMClientError,
 )
 
 TEMPLATE, CHAT = "template", "chat"
@@ -306,3 +307,26 @@ def test_a_stream_holds_its_slots_until_it_ends(fake_vllm, tokenizer_dir, path):
         assert isinstance(rest[-1], StreamEnd) and rest[-1].finish_reason == "length"
         assert results[0][0][0].startswith("o")
     assert fake_vllm.max_in_flight_requests == 1
+
+
+def test_closing_the_client_mid_stream_ends_it_with_our_error(fake_vllm, tokenizer_dir, path):
+    fake_vllm.slow_streams(0.05)
+    llm = client_for(fake_vllm, tokenizer_dir, path)
+    events = llm.stream(user("x"), max_new_tokens=300, ignore_eos=True)
+    assert isinstance(next(events), TextDelta)
+    llm.close()
+    with pytest.raises(VLLMClientError, match="the client was closed"):
+        next(events)
+    wait_until(lambda: fake_vllm.streams_aborted == 1 and fake_vllm.in_flight_requests == 0)
+
+    async def main() -> None:
+        events = llm.astream(user("x"), max_new_tokens=300, ignore_eos=True)
+        assert isinstance(await anext(events), TextDelta)
+        await llm.aclose()
+        with pytest.raises(VLLMClientError, match="the client was closed"):
+            await asyncio.wait_for(anext(events), 30)  # a deadline against a hang
+
+    asyncio.run(main())
+    wait_until(lambda: fake_vllm.streams_aborted == 2 and fake_vllm.in_flight_requests == 0)
+    assert llm.generate_outputs([user("[[again]] y")])[0][0].startswith("again")  # reconnects
+    llm.close()

@@ -123,17 +123,29 @@ class LoopThread:
             else:
                 await put(end)
 
-        future = asyncio.run_coroutine_threadsafe(pump(), self.loop)
+        pumping = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(pump(), self.loop))
         try:
             while True:
-                item = await queue.get()
+                if queue.empty():
+                    getter = asyncio.ensure_future(queue.get())
+                    await asyncio.wait((getter, pumping), return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():  # the pump ended: its last item is queued, or the client was closed
+                        getter.cancel()
+                        if queue.empty():
+                            raise _closed_meanwhile()
+                        continue
+                    item = getter.result()
+                else:
+                    item = queue.get_nowait()
                 if item is end:
                     return
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            future.cancel()
+            pumping.cancel()
+            if pumping.done() and not pumping.cancelled():
+                pumping.exception()  # already raised here from the queue
 
     def iterate(self, stream: AsyncGenerator[T, None]) -> Iterator[T]:
         """Iterate from synchronous code (a script, a notebook cell) an async generator that runs on this loop.
@@ -141,14 +153,19 @@ class LoopThread:
         Each item is one ``run()``, so Ctrl-C works as for any call; leaving the loop early (``break``, an
         exception, the iterator dropped or closed) closes the generator on the loop at once.
         """
+        loop = None
         try:
             while True:
+                if loop is not None and self._loop is not loop:
+                    raise _closed_meanwhile()
                 item = self.run(_anext(stream))
+                loop = self._loop
                 if item is _END:
                     return
                 yield item
         finally:
-            self.run(stream.aclose())
+            if loop is not None and self._loop is loop:  # else stop() closed the connections it held
+                self.run(stream.aclose())
 
     def stop(self) -> None:
         """Close what was registered, then end the thread; safe to call twice, and at interpreter exit."""
