@@ -159,7 +159,7 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
     finally:
         try:
             if chunks is not None:
-                await chunks.close()  # before the [DONE]: the connection is closed, and vLLM aborts the request
+                await chunks.close()  # left early: the connection is closed mid-answer, and vLLM aborts the request
         finally:
             claim.leave()
             engine.connections.release(1)

@@ -442,8 +442,9 @@ class ClientvLLM(BaseModel):
 
         ``params`` are ``agenerate``'s (over the client's ``generation_kwargs``), checked before sending; one
         generation per stream. Leaving the loop early (``break``) closes the connection, and vLLM aborts the
-        request; until then the stream holds its share of ``max_concurrency``. Errors, including one the
-        server reports mid-stream, are raised as ``vllmclient.errors``.
+        request; until then the stream holds its share of ``max_concurrency``. ``timeout`` bounds the wait for
+        each piece (the first included), not the whole stream. Errors, including one the server reports
+        mid-stream, are raised as ``vllmclient.errors``.
         """
         return self._loop.aiter(self._stream_one(input, params))
 
