@@ -237,6 +237,9 @@ def test_a_server_dying_mid_stream_is_a_lost_connection(fake_vllm, tokenizer_dir
         with pytest.raises(APIError) as caught:
             list(events)
         assert isinstance(caught.value, ConnectionLostError), repr(caught.value)
+        assert "dropped in the middle of the streamed answer" in str(caught.value)
+        assert "every attempt" not in str(caught.value)  # a stream once open is not re-sent
+        assert caught.value.request_id == fake_vllm.requests_to(PATHS[path])[-1].headers["x-request-id"]
         assert llm._engine.capacity.used == 0 and llm._engine.connections.used == 0
 
 

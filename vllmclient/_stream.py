@@ -20,7 +20,7 @@ import openai
 from ._http import Ticket, ticket
 from ._request import Request
 from ._responses import chat_logprobs, completion_logprobs
-from .errors import APIError, InvalidInputError
+from .errors import APIError, ConnectionLostError, InvalidInputError
 from .results import Logprob
 
 if TYPE_CHECKING:
@@ -153,6 +153,15 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
         )
     except (openai.OpenAIError, OSError) as exc:
         error = engine.translate(exc)
+        if chunks is not None and isinstance(error, ConnectionLostError):  # the SDK re-sends no stream once open
+            root: BaseException = exc
+            while root.__cause__ is not None:
+                root = root.__cause__
+            error = ConnectionLostError(
+                f"The connection to the vLLM server at {engine.base_url} dropped in the middle of the streamed "
+                f"answer ({root.__class__.__name__}: {root}); the text received so far is incomplete. The server "
+                "crashed or restarted? Check its log."
+            )
         if isinstance(error, APIError):
             error.request_id = error.request_id or request_id
         raise error from exc
