@@ -21,6 +21,7 @@ import math
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -136,9 +137,11 @@ BAD_CONVERSATIONS = [
         error=PromptTooLongError, paths=TEMPLATE),
 ]
 if numpy is not None:
-    BAD_CONVERSATIONS += [
-        row("numpy-array-of-messages", numpy.array(user("hi"), dtype=object), "input 1", "numpy", ".tolist()"),
-        row("numpy-array-as-content", user(numpy.array(["hi"])), "input 1, message 0", "numpy", ".tolist()"),
+    BAD_CONVERSATIONS += [  # arrays are converted (see test_arrays_and_mappings_are_conversations): what they hold
+        row("numpy-array-of-str", numpy.array(["hello"]), "input 1, message 0", "got str", "'role': 'user'"),
+        row("numpy-array-of-str-as-content", user(numpy.array(["hi"])), "input 1, message 0, content part 0",
+            "{'type': 'text', 'text': '...'}"),
+        row("numpy-scalar", numpy.int64(3), "input 1", "got numpy.int64", "list of {'role': ..., 'content': ...}"),
     ]
 
 DIRECTORY = "<a directory>"  # replaced by the test's tmp_path
@@ -497,6 +500,57 @@ def test_valid_empties_and_edges_are_accepted(clients, server, path):
     )
     assert all("error" not in output for output in outputs), outputs
     assert sent_prompts(server) == 4
+
+
+class Column:
+    """The least an array needs to be taken as a list: ``.tolist()`` (numpy, pandas, pyarrow have it)."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def tolist(self) -> list[Any]:
+        return list(self.items)
+
+
+def as_arrays(index: int, *, plain: bool = False) -> list[Any]:
+    """Conversation ``index`` in the forms a dataframe library hands a ``list<struct>`` cell over (Ray Data
+    and pandas: a numpy array of dicts, content parts an array too; others: any sequence of mappings), or
+    (``plain``) each as the list of dicts it stands for."""
+    text = f"[[q{index}]] tell me something"
+    array, mapping, column = (list, dict, list) if plain else (lambda items: numpy.array(items, dtype=object),
+                                                               MappingProxyType, Column)
+    return [
+        array(user(text)),
+        column(user(text)),
+        user(text) if plain else tuple(user(text)),
+        [mapping({"role": "user", "content": text})],
+        array(user(array([mapping({"type": "text", "text": text})]))),
+        column([{"role": "system", "content": "be brief"}, *user(column([{"type": "text", "text": text}]))]),
+    ]
+
+
+FORMS = len(as_arrays(0))
+
+
+@pytest.mark.parametrize("path", BOTH)
+def test_arrays_and_mappings_are_conversations(clients, server, path, tmp_path):
+    inputs = [as_arrays(index)[index] for index in range(FORMS)]
+    outputs = clients[path].generate(inputs, max_new_tokens=4, seed=1)
+
+    assert [output.get("error") for output in outputs] == [None] * FORMS
+    assert all(outputs[i]["generations"][0].startswith(f"q{i}") for i in range(FORMS))
+    single = asyncio.run(clients[path].agenerate(inputs[4], max_new_tokens=4, seed=1))
+    assert single["generations"] == outputs[4]["generations"]
+    plain = [as_arrays(index, plain=True)[index] for index in range(FORMS)]
+    if path == "chat":  # what is sent is plain JSON, as for the lists of dicts
+        sent = [json.dumps(r.body["messages"]) for r in server.requests_to("/v1/chat/completions")]
+        assert sorted(sent[:FORMS]) == sorted(json.dumps(conversation) for conversation in plain)
+    # A checkpoint takes them for the conversations they stand for.
+    clients[path].generate(inputs, max_new_tokens=4, seed=1, checkpoint=tmp_path / "job.jsonl")
+    server.clear()
+    again = clients[path].generate(plain, max_new_tokens=4, seed=1, checkpoint=tmp_path / "job.jsonl")
+    assert sent_prompts(server) == 0
+    assert [output["generations"] for output in again] == [output["generations"] for output in outputs]
 
 
 @pytest.mark.skipif(numpy is None, reason="numpy is optional")

@@ -38,8 +38,16 @@ Batch = list[tuple[int, GenerateOutput]]
 
 
 def fingerprint(value: Any) -> str:
-    data = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    data = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_plain)
     return hashlib.blake2b(data.encode(), digest_size=8).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """An input as what it stands for: an array (``.tolist()``) as a list, a mapping as a dict, else its str."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    tolist = getattr(value, "tolist", None)
+    return tolist() if callable(tolist) else str(value)
 
 
 class Checkpoint:

@@ -41,25 +41,65 @@ MAGPIE_PRE_QUERY_TEMPLATES = {
 }
 
 
-def validate_conversation(conversation: Any, index: int = 0, *, allow_empty: bool = False) -> None:
-    """Raise InvalidInputError naming the input and message at fault, what is wrong and the fix."""
+def validate_conversation(conversation: Any, index: int = 0, *, allow_empty: bool = False) -> Conversation:
+    """The conversation as it is sent, or InvalidInputError naming the input and message at fault, what is
+    wrong and the fix.
+
+    Any sequence of mappings is a conversation, and so is an array of them (anything with ``.tolist()``:
+    Ray Data and pandas hand a ``list<struct>`` cell over as a numpy array of dicts, its content parts as
+    another array). Those come back as lists of dicts, new ones: the caller's objects are never changed.
+    """
     where = f"input {index}"
+    given = conversation
+    if _is_array(conversation):
+        conversation = conversation.tolist()
     if isinstance(conversation, (str, bytes)) or not isinstance(conversation, Sequence):
         raise InvalidInputError(
             f"{where}: expected a conversation (a list of {{'role': ..., 'content': ...}} dicts), "
-            f"got {_type_name(conversation)}.{_conversation_fix(conversation)}"
+            f"got {_type_name(given)}.{_conversation_fix(given)}"
         )
     if not conversation and not allow_empty:
         raise InvalidInputError(
             f"{where}: the conversation is empty. Give at least one message, or enable Magpie "
             "(use_magpie_template=True) to generate from an empty conversation."
         )
+    converted: list[Message] | None = None
     for position, message in enumerate(conversation):
         if type(message) is dict and type(message.get("content")) is str:  # the usual case, checked cheaply
             role = message.get("role")
             if type(role) is str and role in KNOWN_ROLES:
+                if converted is not None:
+                    converted.append(message)
                 continue
-        _check_message(message, f"{where}, message {position}")
+        plain = _plain_message(message)
+        _check_message(plain, f"{where}, message {position}")
+        if plain is not message and converted is None:
+            converted = list(conversation[:position])
+        if converted is not None:
+            converted.append(plain)
+    return conversation if converted is None else converted
+
+
+def _is_array(value: Any) -> bool:
+    """An array (numpy, pandas, pyarrow) to be read as the list it holds; a str (numpy.str_ too) is not one."""
+    return not isinstance(value, (str, bytes, Sequence, Mapping)) and callable(getattr(value, "tolist", None))
+
+
+def _plain_message(message: Any) -> Any:
+    """A mapping as a dict, array content parts as a list of dicts: what the SDK and templates take."""
+    if not isinstance(message, Mapping):
+        return message
+    content = message.get("content")
+    if _is_array(content):
+        content = content.tolist()
+    if isinstance(content, list) and any(isinstance(part, Mapping) and type(part) is not dict for part in content):
+        content = [dict(part) if isinstance(part, Mapping) else part for part in content]
+    if type(message) is dict and content is message.get("content"):
+        return message
+    plain = dict(message)
+    if "content" in plain:
+        plain["content"] = content
+    return plain
 
 
 def _check_message(message: Any, at: str) -> None:
@@ -117,8 +157,6 @@ def _conversation_fix(value: Any) -> str:
         return " Wrap a single prompt as [{'role': 'user', 'content': text}]."
     if isinstance(value, Mapping):
         return " This looks like a single message: put it in a list, [message]."
-    if hasattr(value, "tolist"):
-        return " Convert it to a list of dicts with .tolist()."
     if isinstance(value, Iterable):
         return " Pass the messages as a list, e.g. list(messages)."
     return ""
@@ -141,8 +179,6 @@ def _content_fix(value: Any) -> str:
         return " Decode it first, e.g. content.decode('utf-8')."
     if isinstance(value, Mapping):
         return " A single content part goes in a list: [part]."
-    if hasattr(value, "tolist"):
-        return " Convert it with .tolist()."
     return " Convert it with str(...) if it is meant as text."
 
 
@@ -341,7 +377,7 @@ def prepare_for(formatter: ChatFormatter | None, request: Request) -> Callable[[
     if formatter is None:
 
         def as_messages(index: int, conversation: Any) -> Any:
-            validate_conversation(conversation, index)
+            conversation = validate_conversation(conversation, index)
             check_encodable(conversation, index)  # else it would fail at the SDK, for its whole pack
             return conversation
 
@@ -350,7 +386,7 @@ def prepare_for(formatter: ChatFormatter | None, request: Request) -> Callable[[
     template_kwargs, max_len = request.chat_template_kwargs, request.max_model_len
 
     def as_prompt(index: int, conversation: Any) -> str:
-        validate_conversation(conversation, index, allow_empty=allow_empty)
+        conversation = validate_conversation(conversation, index, allow_empty=allow_empty)
         if any(len(message) > 2 for message in conversation):  # tool calls, names: what templates may render
             check_encodable(conversation, index)  # (role and content reach the prompt: check_prompt sees them)
         conversation = join_text_parts(conversation, index)
