@@ -526,6 +526,8 @@ def as_arrays(index: int, *, plain: bool = False) -> list[Any]:
         [mapping({"role": "user", "content": text})],
         array(user(array([mapping({"type": "text", "text": text})]))),
         column([{"role": "system", "content": "be brief"}, *user(column([{"type": "text", "text": text}]))]),
+        # Arrow gives every message every field of the column's struct, None where a message had none.
+        user(text) if plain else array([{"role": "user", "content": text, "name": None, "tool_call_id": None}]),
     ]
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any, TypeGuard, cast
 
 from .errors import ConfigurationError
+from .formatter import as_conversation
 from .results import GenerateOutput
 
 if sys.platform != "win32":
@@ -198,10 +199,10 @@ class Checkpoint:
         for index, item in enumerate(items):
             key = self._done.pop(index, None)
             if key is None:
-                self._sent[index] = fingerprint(item)
+                self._sent[index] = fingerprint(as_conversation(item))
                 yield index, item
                 continue
-            if key != fingerprint(item):
+            if key != fingerprint(as_conversation(item)):
                 raise ConfigurationError(
                     f"input {index} differs from the one saved in {self.path}: the checkpoint belongs to other "
                     "inputs (or their order changed). It was left as it is; use a new checkpoint file for these inputs."

@@ -25,6 +25,7 @@ __all__ = [
     "ChatFormatter",
     "Conversation",
     "Message",
+    "as_conversation",
     "validate_conversation",
 ]
 
@@ -42,17 +43,11 @@ MAGPIE_PRE_QUERY_TEMPLATES = {
 
 
 def validate_conversation(conversation: Any, index: int = 0, *, allow_empty: bool = False) -> Conversation:
-    """The conversation as it is sent, or InvalidInputError naming the input and message at fault, what is
-    wrong and the fix.
-
-    Any sequence of mappings is a conversation, and so is an array of them (anything with ``.tolist()``:
-    Ray Data and pandas hand a ``list<struct>`` cell over as a numpy array of dicts, its content parts as
-    another array). Those come back as lists of dicts, new ones: the caller's objects are never changed.
-    """
+    """The conversation as it is sent (see ``as_conversation``), or InvalidInputError naming the input and
+    message at fault, what is wrong and the fix."""
     where = f"input {index}"
     given = conversation
-    if _is_array(conversation):
-        conversation = conversation.tolist()
+    conversation = as_conversation(conversation)
     if isinstance(conversation, (str, bytes)) or not isinstance(conversation, Sequence):
         raise InvalidInputError(
             f"{where}: expected a conversation (a list of {{'role': ..., 'content': ...}} dicts), "
@@ -63,21 +58,39 @@ def validate_conversation(conversation: Any, index: int = 0, *, allow_empty: boo
             f"{where}: the conversation is empty. Give at least one message, or enable Magpie "
             "(use_magpie_template=True) to generate from an empty conversation."
         )
-    converted: list[Message] | None = None
     for position, message in enumerate(conversation):
         if type(message) is dict and type(message.get("content")) is str:  # the usual case, checked cheaply
             role = message.get("role")
             if type(role) is str and role in KNOWN_ROLES:
-                if converted is not None:
-                    converted.append(message)
                 continue
-        plain = _plain_message(message)
-        _check_message(plain, f"{where}, message {position}")
+        _check_message(message, f"{where}, message {position}")
+    return conversation
+
+
+def as_conversation(value: Any) -> Any:
+    """The list of dicts a conversation stands for; anything that is no conversation comes back as it is.
+
+    Any sequence of mappings is a conversation, and so is an array of them (anything with ``.tolist()``):
+    Ray Data and pandas hand a ``list<struct>`` cell over as a numpy array of dicts, its nested lists
+    (content parts, tool calls) as arrays too, and each message and part with every field of the column,
+    ``None`` where it had none: those fields are dropped. What needs converting comes back new (the
+    caller's objects are not changed); a list of dicts comes back as it is.
+    """
+    from_array = _is_array(value)
+    if from_array:
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return value
+    converted: list[Any] | None = None
+    for position, message in enumerate(value):
+        plain = message
+        if from_array or type(message) is not dict or type(message.get("content")) is not str:
+            plain = _plain_message(message, from_array)
         if plain is not message and converted is None:
-            converted = list(conversation[:position])
+            converted = list(value[:position])
         if converted is not None:
             converted.append(plain)
-    return conversation if converted is None else converted
+    return value if converted is None else converted
 
 
 def _is_array(value: Any) -> bool:
@@ -85,21 +98,31 @@ def _is_array(value: Any) -> bool:
     return not isinstance(value, (str, bytes, Sequence, Mapping)) and callable(getattr(value, "tolist", None))
 
 
-def _plain_message(message: Any) -> Any:
-    """A mapping as a dict, array content parts as a list of dicts: what the SDK and templates take."""
+def _plain_message(message: Any, from_array: bool) -> Any:
+    """A mapping as a dict, its arrays as lists and the mappings in them as dicts: what the SDK and templates
+    take. From an array, without the ``None`` fields Arrow adds (a ``None`` role or content stays, to be
+    refused or, for an assistant, kept)."""
     if not isinstance(message, Mapping):
         return message
-    content = message.get("content")
-    if _is_array(content):
-        content = content.tolist()
-    if isinstance(content, list) and any(isinstance(part, Mapping) and type(part) is not dict for part in content):
-        content = [dict(part) if isinstance(part, Mapping) else part for part in content]
-    if type(message) is dict and content is message.get("content"):
-        return message
-    plain = dict(message)
-    if "content" in plain:
-        plain["content"] = content
-    return plain
+    plain: dict[str, Any] = {}
+    changed = type(message) is not dict
+    for key, value in message.items():
+        if value is None and from_array and key not in ("role", "content"):
+            changed = True
+            continue
+        if _is_array(value):
+            value, changed = value.tolist(), True
+        if isinstance(value, list) and any(isinstance(item, Mapping) and (from_array or type(item) is not dict)
+                                           for item in value):
+            value, changed = [_plain_part(item, from_array) for item in value], True
+        plain[key] = value
+    return plain if changed else message
+
+
+def _plain_part(part: Any, from_array: bool) -> Any:
+    if not isinstance(part, Mapping):
+        return part
+    return {key: value for key, value in part.items() if value is not None or not from_array or key == "type"}
 
 
 def _check_message(message: Any, at: str) -> None:
