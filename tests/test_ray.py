@@ -36,9 +36,17 @@ def local_ray() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def server(tokenizer_dir: Path) -> Iterator[FakeVLLM]:
-    with FakeVLLM(tokenizer_dir, latency=0.05) as fake:  # answers take a while: batches overlap
-        yield fake
+def fake(tokenizer_dir: Path) -> Iterator[FakeVLLM]:
+    with FakeVLLM(tokenizer_dir, latency=0.05) as server:  # answers take a while: batches overlap
+        yield server
+
+
+@pytest.fixture
+def server(fake: FakeVLLM) -> FakeVLLM:
+    """The module's fake, with no failure left from another test and its counts reset."""
+    fake.clear_failures()
+    fake.clear()
+    return fake
 
 
 def rows(count: int) -> list[dict[str, Any]]:
@@ -49,7 +57,6 @@ def rows(count: int) -> list[dict[str, Any]]:
 
 
 def test_a_dataset_of_conversations_becomes_one_of_results(local_ray, server, tokenizer_dir):
-    server.clear()
     server.fail_prompts_containing("[[q1013]]", message="this row is refused")
     client = ClientvLLM(base_url=server.base_url, tokenizer=str(tokenizer_dir), max_concurrency=8, max_retries=0)
     dataset = ray.data.from_items(rows(120))
@@ -90,7 +97,6 @@ def test_resume_with_ray_datas_checkpoint_retries_the_failed_rows(local_ray, ser
         ).write_parquet(str(tmp_path / "out"))
 
     try:
-        server.clear()
         server.fail_prompts_containing("[[q1007]]", message="this row is refused")
         job()
         first = {row["id"] for row in written(tmp_path / "out")}
