@@ -7,6 +7,7 @@ in tests/integration/test_local_server.py.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -70,3 +71,26 @@ def test_local_server_refuses_a_key_in_extra_args(tmp_path, extra):
         LocalServer(tmp_path, python=sys.executable, extra_args=["--seed", "1", *extra])
     assert isinstance(info.value, VLLMClientError)
     assert "api_key=" in str(info.value) and KEY not in str(info.value)
+
+
+def test_a_forked_child_does_not_inherit_the_sigterm_handler():
+    """Found when distilabel's pool hung at teardown in CI: a forked worker kept the owner's Python-level SIGTERM
+    handler, which never runs while the worker's main thread waits on a lock and another thread takes the signal,
+    so Pool.terminate() waited forever. A child must die of SIGTERM like any process."""
+    import signal
+
+    from vllmclient import local_server
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        local_server._stop_servers_on_sigterm()
+        assert signal.getsignal(signal.SIGTERM) is local_server._exit_on_sigterm
+        pid = os.fork()
+        if pid == 0:  # the child: report what it got, without running pytest's cleanup
+            os._exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert signal.getsignal(signal.SIGTERM) is local_server._exit_on_sigterm  # the owner keeps it
+    finally:
+        signal.signal(signal.SIGTERM, previous)

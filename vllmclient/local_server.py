@@ -254,12 +254,28 @@ _DIE_WITH_PARENT = (
 
 def _stop_servers_on_sigterm() -> None:
     """Turn a default (fatal) SIGTERM into SystemExit so that atexit stops our servers."""
+    global _fork_hook
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        if not _fork_hook:
+            os.register_at_fork(after_in_child=_default_sigterm_in_child)
+            _fork_hook = True
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+_fork_hook = False
+
+
+def _default_sigterm_in_child() -> None:
+    """A forked child (a multiprocessing worker: distilabel's, say) owns none of our servers, and a Python-level
+    SIGTERM handler can leave it unkillable: the handler only runs in the main thread, so a SIGTERM taken by
+    another thread while the main thread waits on a lock (``Pool.terminate()``) does nothing. Default again."""
+    if signal.getsignal(signal.SIGTERM) is _exit_on_sigterm:
+        with contextlib.suppress(ValueError):  # not the main thread: leave it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @atexit.register
