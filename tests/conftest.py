@@ -45,3 +45,22 @@ def make_fake_vllm(tokenizer_dir: Path) -> Iterator[Callable[..., FakeVLLM]]:
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def restore_global_state() -> Iterator[None]:
+    """Put the root logger and the signal handlers back as they were. A distilabel pipeline replaces the root
+    logger's handlers with a queue handler whose queue it closes at the end (every later INFO log of the
+    session became a 'Logging error'), and leaves its SIGINT handler behind (a later Ctrl-C test got a
+    BrokenPipeError from it)."""
+    import logging
+    import signal
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    signals = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for number, handler in signals.items():
+        signal.signal(number, handler)

@@ -33,6 +33,8 @@ from vllmclient.integrations.distilabel import ClientvLLM
 
 from fake_vllm import FakeVLLM
 
+pytestmark = pytest.mark.usefixtures("restore_global_state")
+
 QUESTIONS = [f"Question {i}: tell me about the number {i}." for i in range(7)]
 
 

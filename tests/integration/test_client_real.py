@@ -435,6 +435,7 @@ def test_packed_and_unpacked_give_identical_results(
             results[pack_size] = client.generate(inputs, temperature=1.0, seed=1234, max_new_tokens=32)
     for outputs in results.values():
         assert len({o.pop("request_id") for o in outputs}) >= 2  # each pack its own request id
+        assert all(o.pop("latency") > 0 for o in outputs)  # each request's own time
     unpacked = results[1]
     assert all("error" not in o for o in unpacked)
     assert results[16] == unpacked

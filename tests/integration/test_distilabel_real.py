@@ -22,7 +22,7 @@ from distilabel.steps.tasks import MagpieGenerator, TextGeneration
 from vllmclient import LocalServer
 from vllmclient.integrations.distilabel import ClientvLLM
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_global_state")]
 
 QUESTIONS = ["Hello, how are you?", "Tell me about the cat.", "What does Anna like?", "Where is the ball?"]
 
