@@ -229,7 +229,7 @@ class Engine:
                     try:
                         ready.append((index, prepare(index, item), None))
                     except Exception as exc:  # noqa: BLE001 - a bad input fails itself, never its neighbours
-                        ready.append((index, None, _failed(index, request, _as_input_error(index, exc))))
+                        ready.append((index, None, _failed(index, request, as_input_error(index, exc))))
                 if not ready:
                     break
                 size = min(size, len(ready))
@@ -377,7 +377,7 @@ def _about_a_prompt(exc: APIError) -> bool:
     return param is None or param in _INPUT_PARAMS
 
 
-def _as_input_error(index: int, exc: Exception) -> VLLMClientError:
+def as_input_error(index: int, exc: Exception) -> VLLMClientError:
     if isinstance(exc, VLLMClientError):
         return exc
     error = InvalidInputError(f"input {index} could not be prepared for sending ({exc.__class__.__name__}: {exc}).")

@@ -31,7 +31,7 @@ from pydantic import (
 
 from ._bulk import check_bulk_arguments, collect, log_failures, run
 from ._config import check_base_url, check_headers, check_httpx_kwargs, conceal, mask_urls, reveal, setting_errors
-from ._engine import Engine, _as_input_error
+from ._engine import Engine, as_input_error
 from ._http import http_client
 from ._request import Request, build_request
 from ._server import ServerInfo, check_tokenizer, discover
@@ -431,7 +431,7 @@ class ClientvLLM(BaseModel):
         try:
             return prepare_for(self._formatter, request)(0, conversation)
         except Exception as exc:
-            error = _as_input_error(0, exc)  # ours, as in a bulk call
+            error = as_input_error(0, exc)  # ours, as in a bulk call
             if error is exc:
                 raise
             raise error from exc
