@@ -860,6 +860,16 @@ class FakeVLLM:
             self._stream_errors.clear()
             self._stream_delay = 0.0
 
+    def settle(self, deadline: float = 2.0) -> None:
+        """Wait until no request is in flight and none has arrived for a moment (at most ``deadline`` s): a
+        call that ended early (an error, a refusal) may have requests on their way that land only after it
+        returned, which the next ``clear()`` would otherwise not forget."""
+        end = time.monotonic() + deadline
+        seen = -1
+        while (seen != len(self.requests) or self.in_flight_requests) and time.monotonic() < end:
+            seen = len(self.requests)
+            time.sleep(0.05)
+
     def requests_to(self, path: str) -> list[Recorded]:
         """Recorded requests whose path is ``path``."""
         return [r for r in list(self.requests) if r.path == path]

@@ -19,7 +19,6 @@ import asyncio
 import json
 import math
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import MappingProxyType
@@ -359,16 +358,6 @@ def _forget_requests(server: FakeVLLM) -> None:
     server.clear()
 
 
-def _let_stragglers_land(server: FakeVLLM) -> None:
-    """A call ended early (its inputs raised) may have requests on their way that reach the server only after
-    it returned; wait until the server is quiet, so they are not counted against the next test."""
-    deadline = time.monotonic() + 2  # against hanging, not a timed assertion
-    seen = -1
-    while (seen != len(server.requests) or server.in_flight_requests) and time.monotonic() < deadline:
-        seen = len(server.requests)
-        time.sleep(0.05)
-
-
 def sent_prompts(server: FakeVLLM) -> int:
     """How many prompts reached the server, on either path."""
     completions = sum(len(request.body["prompt"]) for request in server.requests_to("/v1/completions"))
@@ -464,7 +453,7 @@ def test_inputs_that_raise_midway_end_the_call_with_our_error_naming_the_input(c
         clients[path].generate(inputs(), max_new_tokens=4)
     check_message(str(info.value), "inputs", "raised", "KeyError", "'text'", "input 2")
     assert isinstance(info.value.__cause__, KeyError)
-    _let_stragglers_land(server)
+    server.settle()  # requests on their way when the inputs raised land before the next test counts
 
 
 # -- a bad setting is a ConfigurationError ----------------------------------------------------------------

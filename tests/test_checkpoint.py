@@ -177,6 +177,7 @@ def test_a_refused_checkpoint_is_never_written_to(fake_vllm, tokenizer_dir, tmp_
             asyncio.run(consume())
         assert yielded == [] and path.read_bytes() == saved
 
+        fake_vllm.settle()  # the refused calls' requests already on their way land before the count starts
         fake_vllm.clear()  # the original job still resumes: only its failed inputs are sent
         resumed = llm.generate(tagged(12), checkpoint=path, max_new_tokens=4)
         assert sent_tags(fake_vllm) == [f"q{i}" for i in holes]
