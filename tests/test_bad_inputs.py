@@ -236,7 +236,7 @@ BAD_CALLS = [
     row("truncate_prompt_tokens-below-minus-1", {"truncate_prompt_tokens": -2}, "truncate_prompt_tokens=-2",
         "greater than or equal to -1"),
     row("truncate_prompt_tokens-over-the-context", {"truncate_prompt_tokens": 5000},
-        "truncate_prompt_tokens=5000", "max_model_len", "use -1"),
+        "truncate_prompt_tokens=5000", "max_model_len", "or -1"),
     row("truncation_side-unknown", {"truncation_side": "middle"}, "truncation_side='middle'", "'left'"),
     row("chat_template_kwargs-str", {"chat_template_kwargs": "enable_thinking"},
         "chat_template_kwargs='enable_thinking'", "valid dictionary"),

@@ -227,10 +227,9 @@ def test_truncate_prompt_tokens_is_honoured_by_the_local_check(make_fake_vllm, t
         assert output["statistics"]["input_tokens"] == [20]
         keep_all = client.generate([long], truncate_prompt_tokens=-1, max_new_tokens=4)[0]
         assert keep_all["statistics"]["input_tokens"] == [63]
-        too_many = client.generate([long], truncate_prompt_tokens=64, max_new_tokens=8)[0]  # keeps 64: no room for output
-        assert too_many["error"].type == "PromptTooLongError"
-        with pytest.raises(InvalidInputError, match="truncate_prompt_tokens=65 .*may not exceed .*64"):
-            client.generate([long], truncate_prompt_tokens=65, max_new_tokens=8)
+        for keep in (64, 65):  # 64 kept tokens leave no room for output; vLLM refuses more than 64
+            with pytest.raises(InvalidInputError, match=f"truncate_prompt_tokens={keep} .*no room .*at most 63, or -1"):
+                client.generate([long], truncate_prompt_tokens=keep, max_new_tokens=8)
     body = server.requests_to("/v1/completions")[0].body
     assert body["truncate_prompt_tokens"] == 20 and body.get("truncation_side") == side
 
@@ -352,3 +351,21 @@ def test_generation_params_used_directly_raise_our_error():
 
     with pytest.raises(InvalidInputError, match="temperature='x' is invalid"):
         GenerationParams(temperature="x")
+
+
+@pytest.mark.parametrize("mode", ["template", "chat"])
+def test_extra_body_may_not_move_the_output_budget(fake_vllm, tokenizer_dir, mode):
+    """Found by a fresh pair of eyes: vLLM reads max_completion_tokens in place of max_tokens on the chat path, so
+    it silently overrode max_new_tokens and skipped its max_model_len check."""
+    tokenizer = tokenizer_dir if mode == "template" else None
+    with (
+        ClientvLLM(base_url=fake_vllm.base_url, tokenizer=tokenizer) as client,
+        pytest.raises(InvalidInputError, match="may not set max_completion_tokens.*max_new_tokens"),
+    ):
+        client.generate([user("x")], max_new_tokens=4, extra_body={"max_completion_tokens": 40})
+
+
+def test_a_second_bos_through_extra_body_is_refused_on_the_template_path(llm, chat_llm):
+    with pytest.raises(InvalidInputError, match="add_special_tokens=True would give the model two BOS"):
+        llm.generate([user("x")], extra_body={"add_special_tokens": True})
+    assert chat_llm.generate_outputs([user("x")], extra_body={"add_special_tokens": True})[0][0]  # the server's own

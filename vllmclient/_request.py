@@ -61,7 +61,7 @@ _INT64_MIN = -(2**63)
 # Set by the client from its own parameters, and needed to read the answer: extra_body may not change them.
 _RESERVED = frozenset(
     {"model", "prompt", "messages", "n", "stream", "logprobs", "top_logprobs", "prompt_logprobs", "return_token_ids",
-     "echo", "request_id", "max_tokens"}
+     "echo", "request_id", "max_tokens", "max_completion_tokens"}
 )
 
 
@@ -145,11 +145,12 @@ def build_request(
     if (
         params.truncate_prompt_tokens is not None
         and max_model_len is not None
-        and params.truncate_prompt_tokens > max_model_len
+        and params.truncate_prompt_tokens >= max_model_len
     ):
         raise InvalidInputError(
-            f"truncate_prompt_tokens={params.truncate_prompt_tokens} is invalid: it may not exceed the model's "
-            f"max_model_len ({max_model_len}); use -1 to keep as much as fits."
+            f"truncate_prompt_tokens={params.truncate_prompt_tokens} is invalid: kept prompts of that many tokens "
+            f"leave no room for output in the model's max_model_len ({max_model_len}), and vLLM refuses more. Use at "
+            f"most {max_model_len - 1}, or -1 to keep as much as fits."
         )
     if not chat:
         for name in ("tools", "tool_choice"):
@@ -233,6 +234,11 @@ def _checked_extra_body(extra: Mapping[str, Any], *, chat: bool, server: ServerI
             f"extra_body may not set {', '.join(clash)}: the client sets them from its own parameters "
             "(num_generations, max_new_tokens, logprobs, prompt_logprobs, model=, the inputs) and reads the answer "
             "accordingly."
+        )
+    if not chat and extra.get("add_special_tokens"):
+        raise InvalidInputError(
+            "extra_body add_special_tokens=True would give the model two BOS tokens: the client's chat template "
+            "already starts the prompt with one. Leave it out (the client sends add_special_tokens=False)."
         )
     guided = [name for name in extra if name in _GUIDED]
     if guided and not server.reads_guided_fields:

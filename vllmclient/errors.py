@@ -375,7 +375,8 @@ def _network_error(exc: BaseException, base_url: str, timeout: float | None) -> 
         return ServerTimeoutError(
             f"The vLLM server at {base_url} did not answer within {seconds} seconds. The request was not "
             "re-sent: a generation that outlasted the timeout would most likely take as long again. For long "
-            "generations raise timeout= (e.g. ClientvLLM(..., timeout=600)) or lower max_new_tokens."
+            "generations raise timeout= (e.g. ClientvLLM(..., timeout=600)) or lower max_new_tokens; if even "
+            "loading (GET /v1/models) times out, the server is hung or busy starting: check its log."
         )
     if find(aiohttp.ClientConnectorError, httpx2.ConnectError):
         return ServerUnreachableError(
