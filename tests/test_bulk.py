@@ -18,6 +18,8 @@ import pytest
 
 from vllmclient import APIError, ClientvLLM, GenerationFailedError, InvalidInputError
 
+from deadline import run_with_timeout
+
 Conversation = list[dict[str, str]]
 
 BAD_ROLE: Conversation = [{"role": "robot", "content": "BADROLE beep"}]
@@ -67,27 +69,6 @@ async def await_until(condition: Callable[[], bool], timeout: float = 5.0) -> bo
             return False
         await asyncio.sleep(0.002)
     return True
-
-
-def run_with_timeout(function: Callable[[], Any], timeout: float = 3.0) -> Any:
-    """Run a blocking call in a daemon thread so that a hang fails the test instead of the suite."""
-    outcome: list[Any] = []
-
-    def target() -> None:
-        try:
-            outcome.append(("ok", function()))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            outcome.append(("error", exc))
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not outcome:
-        pytest.fail(f"the call did not return within {timeout} s (it hangs)")
-    kind, value = outcome[0]
-    if kind == "error":
-        raise value
-    return value
 
 
 @pytest.fixture

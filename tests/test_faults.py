@@ -13,6 +13,7 @@ suite; small ``timeout``/``max_retries`` and short ``Retry-After`` values keep t
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import threading
 import time
@@ -26,12 +27,15 @@ import pytest
 
 from vllmclient import APIError, ClientvLLM, errors
 
+from deadline import run_with_timeout
 from fake_vllm import FakeVLLM
 
 TEMPLATE, CHAT = "template", "chat"
 ENDPOINT = {TEMPLATE: "/v1/completions", CHAT: "/v1/chat/completions"}
 MODES = list(ENDPOINT)
 HANG = 20.0  # seconds: a call still running by then hangs (the slowest call here takes about 2 s)
+within_deadline = functools.partial(run_with_timeout, timeout=HANG)
+"""Run a blocking call in a daemon thread: if it hangs, the test fails instead of the suite."""
 TIMEOUT = 0.5  # the client's timeout when the fault is a slow answer (its other requests take milliseconds)
 LASTING = 1000  # times: more than any number of retries
 
@@ -172,27 +176,6 @@ def client_for(server: FakeVLLM, tokenizer_dir: Path, mode: str, **settings: Any
         assert starts_with_tag(baseline[0], 99)
         server.clear()
         yield llm
-
-
-def within_deadline(call: Callable[[], Any]) -> Any:
-    """Run a blocking call in a daemon thread: if it hangs, the test fails instead of the suite."""
-    outcome: list[tuple[str, Any]] = []
-
-    def target() -> None:
-        try:
-            outcome.append(("ok", call()))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            outcome.append(("error", exc))
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(HANG)
-    if not outcome:
-        pytest.fail(f"the call did not return within {HANG} s: it hangs")
-    kind, value = outcome[0]
-    if kind == "error":
-        raise value
-    return value
 
 
 async def awaited(call: Coroutine[Any, Any, Any]) -> Any:
