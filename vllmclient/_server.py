@@ -138,7 +138,7 @@ def choose_model(cards: list[ModelCard], wanted: str | None, base_url: str) -> s
     return card.id
 
 
-async def discover(engine: Engine, api_base: str, wanted: str | None) -> tuple[ServerInfo, str, int | None]:
+async def discover(engine: Engine, api_base: str, wanted: str | None) -> tuple[ServerInfo, str]:
     """What ``load()`` reads from the server: its models (choosing one) and its version."""
     cards = parse_models(await engine.get("/models"))
     name = choose_model(cards, wanted, api_base)
@@ -147,7 +147,7 @@ async def discover(engine: Engine, api_base: str, wanted: str | None) -> tuple[S
     except APIError:  # not vLLM, or a proxy that serves only /v1
         version = None
     server = ServerInfo(api_base, cards, version)
-    return server, name, server.max_model_len(name)
+    return server, name
 
 
 async def check_tokenizer(

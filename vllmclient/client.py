@@ -128,7 +128,6 @@ class ClientvLLM(BaseModel):
     _formatter: ChatFormatter | None = PrivateAttr(default=None)
     _engine: Engine | None = PrivateAttr(default=None)
     _model_name: str | None = PrivateAttr(default=None)
-    _max_model_len: int | None = PrivateAttr(default=None)
     _server: ServerInfo | None = PrivateAttr(default=None)
     _loop: LoopThread = PrivateAttr(default_factory=LoopThread)
     _loading: asyncio.Task[None] | None = PrivateAttr(default=None)
@@ -310,7 +309,7 @@ class ClientvLLM(BaseModel):
     @property
     def max_model_len(self) -> int | None:
         """The model's context length as the server reports it, known after ``load()``."""
-        return self._max_model_len
+        return self._server.max_model_len(self.model_name) if self._server is not None else None
 
     def load(self) -> None:
         """Connect: build the SDK client, load the tokenizer, discover the model. Safe to call again."""
@@ -372,7 +371,7 @@ class ClientvLLM(BaseModel):
             connections=transport.connections,
         )
         try:
-            server, name, max_len = await discover(engine, api_base, self.model)
+            server, name = await discover(engine, api_base, self.model)
             engine.served_models = server.names
             if self._formatter is not None and self.tokenizer_check != "off":
                 await check_tokenizer(engine, server, name, self._formatter, str(self.tokenizer), self.tokenizer_check)
@@ -381,8 +380,8 @@ class ClientvLLM(BaseModel):
             raise
         self._loop.add_closer(aclient.close)
         self._aclient, self._engine, self._server = aclient, engine, server
-        self._model_name, self._max_model_len = name, max_len
-        logger.info("vllmclient: using model %r at %s (max_model_len=%s)", name, api_base, max_len)
+        self._model_name = name
+        logger.info("vllmclient: using model %r at %s (max_model_len=%s)", name, api_base, server.max_model_len(name))
 
     def close(self) -> None:
         """Release connections and the private loop's thread; ``load()`` (or any call) reconnects."""
