@@ -169,7 +169,14 @@ def test_prompt_logprobs_come_back_per_input_per_position(fake_vllm, tokenizer_d
         assert len(positions) == output["statistics"]["input_tokens"][0]
         assert positions[0] is None
         for top in positions[1:]:
-            assert 2 <= len(top) <= 3 and all(set(entry) == {"token", "logprob"} for entry in top)
+            assert 2 <= len(top) <= 3 and all(set(entry) == {"token", "logprob", "rank"} for entry in top)
+            # the prompt's own token first (it may rank anywhere), then the alternatives best first, as vLLM sends
+            assert [entry["rank"] for entry in top[1:]] == sorted(entry["rank"] for entry in top[1:])
+    if mode == "template":
+        prompt_ids = client._formatter.tokenizer(client._formatter.render(user("[[a]] one two")),
+                                                 add_special_tokens=False)["input_ids"]
+        own = [top[0]["token"] for top in outputs[0]["prompt_logprobs"][1:]]
+        assert own == [client._formatter.tokenizer.decode([token]) for token in prompt_ids[1:]]
     path = "/v1/completions" if mode == "template" else "/v1/chat/completions"
     assert fake_vllm.requests_to(path)[0].body["prompt_logprobs"] == 2
 

@@ -115,18 +115,19 @@ def completion_logprobs(logprobs: dict[str, Any] | None) -> list[list[Logprob]]:
 
 
 def _prompt_logprobs(positions: list[dict[str, Any] | None]) -> list[list[Logprob] | None]:
-    """vLLM's ``[None, {token_id: {logprob, rank, decoded_token}}, ...]`` → per-position lists, best first.
+    """vLLM's ``[None, {token_id: {logprob, rank, decoded_token}}, ...]`` → per-position lists, in its order.
 
-    The first position is ``None``: nothing precedes the first prompt token. Each later list holds the
-    prompt's own token and the top ``prompt_logprobs`` alternatives, ordered by rank.
+    The first position is ``None``: nothing precedes the first prompt token. Each later list starts with
+    the prompt's own token (whatever its rank), then the top ``prompt_logprobs`` alternatives best first,
+    each with its ``rank`` (1 = the model's best guess) — as for ``logprobs``, where the sampled token
+    comes first.
     """
-    result: list[list[Logprob] | None] = []
-    for position in positions:
-        if position is None:
-            result.append(None)
-            continue
-        ranked = sorted(position.items(), key=lambda item: item[1].get("rank") or 0)
-        result.append(
-            [{"token": entry.get("decoded_token") or token_id, "logprob": entry["logprob"]} for token_id, entry in ranked]
-        )
-    return result
+    return [
+        None
+        if position is None
+        else [
+            {"token": entry.get("decoded_token") or token_id, "logprob": entry["logprob"], "rank": entry["rank"]}
+            for token_id, entry in position.items()
+        ]
+        for position in positions
+    ]

@@ -10,8 +10,11 @@ __all__ = ["GenerateOutput", "GenerationError", "Logprob", "Statistics"]
 
 
 class Logprob(TypedDict):
+    """One candidate token at one position; ``rank`` (1 = best) only in ``prompt_logprobs``, as vLLM sends it."""
+
     token: str
     logprob: float
+    rank: NotRequired[int]
 
 
 class Statistics(TypedDict):
@@ -31,8 +34,9 @@ class GenerateOutput(TypedDict):
     - ``latency``: seconds from that request's send (after any wait for a free slot) to its answer; the
       inputs packed into one request share it;
 
-    - ``logprobs``: when requested; per generation, per generated token, the top tokens;
-    - ``prompt_logprobs``: when requested; per prompt token, the top tokens (``None`` for the first);
+    - ``logprobs``: when requested; per generation, per generated token, the sampled token then the top ones;
+    - ``prompt_logprobs``: when requested; per prompt token (``None`` for the first), the prompt's own token
+      then the top ones, each with its ``rank``;
     - ``tool_calls``: per generation, the OpenAI tool calls the server's tool parser found, or ``None``;
     - ``reasoning``: per generation, the thinking text the server's reasoning parser split off, or ``None``;
     - ``parsed`` and ``validation_errors``: when ``structured_outputs`` was given; per generation, the

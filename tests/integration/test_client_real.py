@@ -531,6 +531,11 @@ def test_prompt_logprobs_have_one_entry_per_prompt_token(llm: ClientvLLM, chat_l
         positions = output["prompt_logprobs"]
         assert len(positions) == output["statistics"]["input_tokens"][0]
         assert positions[0] is None and all(1 <= len(top) <= 3 for top in positions[1:])
+        assert all(entry["rank"] >= 1 for top in positions[1:] for entry in top)
+    formatter = llm._formatter
+    ids = formatter.tokenizer(formatter.render(user("Say hello.")), add_special_tokens=False)["input_ids"]
+    own = [top[0]["token"] for top in llm.generate([user("Say hello.")], prompt_logprobs=2)[0]["prompt_logprobs"][1:]]
+    assert own == [formatter.tokenizer.decode([token]) for token in ids[1:]]  # the prompt's own token first
 
 
 def test_removed_guided_fields_are_refused_by_version(llm: ClientvLLM) -> None:
