@@ -188,6 +188,18 @@ def test_structured_outputs_are_sent_on_a_stream(llm, fake_vllm, path):
     assert fake_vllm.requests_to(PATHS[path])[-1].body["structured_outputs"] == {"choice": ["yes", "no"]}
 
 
+def test_a_structured_stream_ends_with_the_checked_value(llm, path):
+    _, end = split(list(llm.stream(user("x"), structured_outputs={"choice": ["yes", "no"]})))
+    assert end.parsed == end.text and end.validation_error is None
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    _, whole = split(list(llm.stream(user("x"), structured_outputs=schema, max_new_tokens=256)))
+    assert whole.validation_error is None and whole.parsed == json.loads(whole.text)
+    _, cut = split(list(llm.stream(user("x"), structured_outputs=schema, max_new_tokens=2)))
+    assert cut.finish_reason == "length" and cut.parsed is None and "cut off by max_new_tokens" in cut.validation_error
+    _, plain = split(list(llm.stream(user("x"))))
+    assert plain.parsed is None and plain.validation_error is None
+
+
 # -- errors -----------------------------------------------------------------------------------------
 
 

@@ -55,6 +55,9 @@ class StreamEnd:
     ``latency`` are seconds from the request's send (after any wait for a free slot of
     ``max_concurrency``) to the first non-empty delta (``None`` if none came) and to the end.
     ``request_id`` is the ``X-Request-Id`` the request carried (vLLM's log names the request after it).
+    With ``structured_outputs``: ``parsed`` is the checked value (the JSON decoded, the pydantic model, the
+    matched text) and ``validation_error`` says why the text fails the check (``None`` when it passes),
+    as ``agenerate``'s ``parsed`` and ``validation_errors``; both ``None`` without ``structured_outputs``.
     """
 
     text: str
@@ -64,6 +67,8 @@ class StreamEnd:
     time_to_first_token: float | None
     latency: float
     request_id: str
+    parsed: Any = None
+    validation_error: str | None = None
 
 
 StreamEvent = TextDelta | StreamEnd
@@ -142,14 +147,20 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
                     yield delta
         end = time.perf_counter()
         output_tokens = usage.get("completion_tokens", counted if counted else None)
+        text = "".join(pieces)
+        parsed, validation_error = (None, None) if request.structured is None else request.structured.check(
+            text, finish_reason
+        )
         yield StreamEnd(
-            text="".join(pieces),
+            text=text,
             finish_reason=finish_reason,
             input_tokens=usage.get("prompt_tokens"),
             output_tokens=output_tokens,
             time_to_first_token=None if first is None else first - sent,
             latency=end - sent,
             request_id=request_id,
+            parsed=parsed,
+            validation_error=validation_error,
         )
     except (openai.OpenAIError, OSError) as exc:
         error = engine.translate(exc)
