@@ -23,6 +23,7 @@ from .errors import (
     VLLMClientError,
 )
 from .formatter import ChatFormatter
+from .jobs import JobSummary, run_batch_file
 from .local_server import LocalServer
 from .params import GenerationParams
 from .results import GenerateOutput, GenerationError
@@ -42,6 +43,7 @@ __all__ = [
     "GenerationFailedError",
     "GenerationParams",
     "InvalidInputError",
+    "JobSummary",
     "LocalServer",
     "LocalServerError",
     "ModelNotFoundError",
@@ -55,4 +57,5 @@ __all__ = [
     "UnknownFieldWarning",
     "VLLMClientError",
     "__version__",
+    "run_batch_file",
 ]

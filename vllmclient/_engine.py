@@ -20,7 +20,7 @@ import openai
 
 from ._http import Capacity, Ticket, ticket
 from ._request import Request
-from ._responses import chat_output, completion_outputs, read
+from ._responses import chat_output, completion_alone, completion_outputs, read
 from .errors import (
     APIError,
     BadRequestError,
@@ -166,11 +166,16 @@ class Engine:
             (messages,) = payloads
             data, request_id, seconds = await self.post("/chat/completions", request.with_messages(messages), request.n)
             outputs = [read(chat_output, data, request, request_id)]
+            if request.keep_answer:
+                outputs[0]["answer"] = data
         else:
             data, request_id, seconds = await self.post(
                 "/completions", request.with_prompts(payloads), len(payloads) * request.n
             )
             outputs = read(completion_outputs, data, len(payloads), request, request_id)
+            if request.keep_answer:
+                for position, output in enumerate(outputs):
+                    output["answer"] = read(completion_alone, data, position, request.n)
         if seconds is not None:
             for output in outputs:
                 output["latency"] = seconds

@@ -79,6 +79,8 @@ class Request:
     chat_template_kwargs: Mapping[str, Any] | None = None
     structured: StructuredSpec | None = None
     structured_retries: int = 0
+    keep_answer: bool = False
+    """Put the server's answer for each input in its output (``answer``), for job files."""
 
     def with_prompts(self, prompts: list[Any]) -> dict[str, Any]:
         body = dict(self.body)

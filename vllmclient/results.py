@@ -44,6 +44,8 @@ class GenerateOutput(TypedDict):
       a regex, a choice or a grammar) or ``None`` when invalid, and ``None`` or why it is invalid (see
       ``vllmclient.structured``). Generations re-asked (``structured_outputs_retries``) replace the
       invalid ones in place; ``request_id`` stays the first request's;
+    - ``answer``: only for job files (``vllmclient.jobs``): the server's JSON answer as if this input had been
+      sent alone (its own choices, indexed from 0, and its own ``usage``);
     - ``error``: the input failed (its generations are then ``None``).
     """
 
@@ -58,6 +60,7 @@ class GenerateOutput(TypedDict):
     reasoning: NotRequired[list[str | None]]
     parsed: NotRequired[list[Any]]
     validation_errors: NotRequired[list[str | None]]
+    answer: NotRequired[dict[str, Any]]
     error: NotRequired[GenerationError]
 
 

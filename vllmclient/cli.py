@@ -1,0 +1,127 @@
+"""``vllmclient run`` (a job file through a vLLM server) and ``vllmclient serve`` (a local vLLM server).
+
+Also ``python -m vllmclient ...``; ``vllmclient-server`` stays ``vllmclient serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+# (option, type, GenerationParams name): sampling for plain lines, in vLLM's / OpenAI's names.
+_SAMPLING: list[tuple[str, type, str]] = [
+    ("--max-tokens", int, "max_new_tokens"),
+    ("--temperature", float, "temperature"),
+    ("--top-p", float, "top_p"),
+    ("--top-k", int, "top_k"),
+    ("--min-p", float, "min_p"),
+    ("--seed", int, "seed"),
+    ("--frequency-penalty", float, "frequency_penalty"),
+    ("--presence-penalty", float, "presence_penalty"),
+    ("--repetition-penalty", float, "repetition_penalty"),
+    ("--min-tokens", int, "min_tokens"),
+    ("--logprobs", int, "logprobs"),
+    ("--stop", str, "stop"),
+]
+_INTERRUPTED = 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["serve"]:
+        from .local_server import main as serve
+
+        return serve(args[1:])
+    parser = _parser()
+    options = parser.parse_args(args)
+    if options.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return _run(parser, options)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllmclient", allow_abbrev=False,
+                                     description="A fast, hard-to-break client for vLLM's OpenAI-compatible server.")
+    commands = parser.add_subparsers(dest="command", metavar="{run,serve}")
+    commands.add_parser("serve", help="start a local vLLM server (vllmclient serve --help)", add_help=False)
+    run = commands.add_parser(
+        "run", allow_abbrev=False, help="run a JSON-lines job file; run the same command again to resume",
+        description="Run every line of INPUT (vLLM/OpenAI batch lines for /v1/chat/completions or /v1/completions, "
+        "or plain {\"custom_id\", \"messages\"} lines) and append one run_batch record per line to OUTPUT. Run the "
+        "same command again to resume: lines with a record are skipped, transient failures retried.",
+    )
+    run.add_argument("input", type=Path, metavar="INPUT.jsonl")
+    run.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT.jsonl")
+    run.add_argument("--base-url", action="append", metavar="URL",
+                     help="the vLLM server (default http://localhost:8000); repeat for replicas of one model")
+    run.add_argument("--model", help="the served model (default: the one the server serves)")
+    run.add_argument("--tokenizer", help="render conversations with this tokenizer's chat template and pack them "
+                     "(default: the server renders them, one request each)")
+    run.add_argument("--tokenizer-revision")
+    run.add_argument("--api-key-file", metavar="PATH", help="file holding the server's API key (default: $VLLM_API_KEY)")
+    run.add_argument("--max-concurrency", type=int, default=256, help="most sequences on the server at once (256)")
+    run.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take (120)")
+    run.add_argument("--max-retries", type=int, default=6, help="retries of a failed request by the SDK (6)")
+    run.add_argument("--summary-json", type=Path, metavar="PATH", help="also write the summary here, as JSON")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sampling = run.add_argument_group("sampling for plain lines (batch lines carry their own in body)")
+    sampling.add_argument("--n", type=int, default=1, help="generations per line (1)")
+    for option, kind, _ in _SAMPLING:
+        sampling.add_argument(option, type=kind, action="append" if option == "--stop" else "store")
+    sampling.add_argument("--chat-template-kwargs", type=json.loads, metavar="JSON")
+    return parser
+
+
+def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
+    from .client import ClientvLLM
+    from .errors import VLLMClientError
+    from .jobs import run_batch_file
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    params: dict[str, Any] = {name: getattr(options, option[2:].replace("-", "_")) for option, _, name in _SAMPLING}
+    params["chat_template_kwargs"] = options.chat_template_kwargs
+    params = {name: value for name, value in params.items() if value is not None}
+    urls = options.base_url or ["http://localhost:8000"]
+    settings: dict[str, Any] = {
+        "base_url": urls[0] if len(urls) == 1 else urls, "model": options.model, "tokenizer": options.tokenizer,
+        "tokenizer_revision": options.tokenizer_revision, "max_concurrency": options.max_concurrency,
+        "timeout": options.timeout, "max_retries": options.max_retries,
+    }
+    if options.api_key_file:
+        try:
+            settings["api_key"] = Path(options.api_key_file).read_text().strip()
+        except OSError as exc:
+            parser.error(f"--api-key-file {options.api_key_file}: {exc.strerror or exc}")
+    signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C: what is finished is kept
+    resume = f"Run the same command again to resume: {options.output} keeps every finished line."
+    client = None
+    try:
+        client = ClientvLLM(**settings)
+        summary = run_batch_file(client, options.input, options.output, progress=not options.no_progress,
+                                 num_generations=options.n, **params)
+    except KeyboardInterrupt:
+        print(f"\nStopped. {resume}", file=sys.stderr, flush=True)
+        return _INTERRUPTED
+    except VLLMClientError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if client is not None:
+            client.close()
+    print(summary, file=sys.stderr, flush=True)
+    if options.summary_json is not None:
+        options.summary_json.write_text(json.dumps(summary.as_dict(), indent=1) + "\n")
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
