@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -294,3 +298,55 @@ def test_the_output_file_holds_only_run_batch_records(client, tmp_path):
     for record in records(out):
         assert set(record) == {"id", "custom_id", "response", "error"}
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl", "out.jsonl.job.json"]
+
+
+# -- the command line stopped mid-job, in a real subprocess ----------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(fake: Any, tokenizer_dir: Path, source: Path, out: Path) -> list[str]:
+    return ["run", str(source), "-o", str(out), "--base-url", fake.base_url, "--tokenizer", str(tokenizer_dir),
+            "--max-concurrency", "4", "--max-tokens", "8", "--seed", "11", "--no-progress"]
+
+
+def _wait_for_lines(out: Path, count: int, process: subprocess.Popen[str], deadline: float = 60.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if out.exists() and out.read_bytes().count(b"\n") >= count:
+            return
+        if process.poll() is not None:
+            pytest.fail(f"the job ended before it was stopped: {process.communicate()}")
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail("the job wrote nothing within a minute")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
+def test_a_job_stopped_mid_way_ends_after_a_rerun_with_one_record_per_line_as_if_never_stopped(
+    stop, make_fake_vllm, tokenizer_dir, tmp_path, capsys
+):
+    fake = make_fake_vllm(latency=0.05)
+    lines = [{"custom_id": f"q{i}", "messages": [{"role": "user", "content": f"question number {i}"}]}
+             for i in range(240)]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    clean = tmp_path / "clean.jsonl"
+    assert main(_cli(fake, tokenizer_dir, source, clean)) == 0
+    out = tmp_path / "out.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "vllmclient", *_cli(fake, tokenizer_dir, source, out)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_lines(out, 20, process)
+    process.send_signal(stop)
+    started = time.monotonic()
+    _, err = process.communicate(timeout=30)
+    if stop == signal.SIGINT:
+        assert process.returncode == 130 and time.monotonic() - started < 10
+        assert "Run the same command again to resume" in err
+    else:
+        assert process.returncode == -signal.SIGKILL
+    written = records(out) if out.read_bytes().endswith(b"\n") else None
+    assert written is None or 20 <= len(written) < 240, "stopped too late to test anything"
+    assert main(_cli(fake, tokenizer_dir, source, out)) == 0
+    got, expected = by_id(out), by_id(clean)
+    assert set(got) == set(expected) and len(records(out)) == 240
+    assert all(got[key]["error"] is None and texts(got[key]) == texts(expected[key]) for key in expected)

@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--n", type=int, default=1, help="generations per line (1)")
     for option, kind, _ in _SAMPLING:
         sampling.add_argument(option, type=kind, action="append" if option == "--stop" else "store")
+    sampling.add_argument("--ignore-eos", action="store_true", default=None, help="generate max-tokens every time")
     sampling.add_argument("--chat-template-kwargs", type=json.loads, metavar="JSON")
     return parser
 
@@ -89,6 +90,7 @@ def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     params: dict[str, Any] = {name: getattr(options, option[2:].replace("-", "_")) for option, _, name in _SAMPLING}
     params["chat_template_kwargs"] = options.chat_template_kwargs
+    params["ignore_eos"] = options.ignore_eos
     params = {name: value for name, value in params.items() if value is not None}
     urls = options.base_url or ["http://localhost:8000"]
     settings: dict[str, Any] = {

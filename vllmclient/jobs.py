@@ -122,7 +122,7 @@ def run_batch_file(
         raise ConfigurationError(f"cannot read the input {source} ({exc.strerror or exc}).") from exc
     summary = JobSummary(str(source), str(target))
     with reading:
-        digest, lines = _scan(reading)
+        digest = _digest(reading)
         options = {"tokenizer": _local(client.tokenizer), "tokenizer_revision": client.tokenizer_revision,
                    "model": client.model, "generation_kwargs": client.generation_kwargs,
                    "num_generations": num_generations, "params": params}
@@ -132,7 +132,7 @@ def run_batch_file(
             client.load()
             plain = plain_call(client, {**params, "num_generations": num_generations})
             job.begin()
-            groups, failures = _plan(client, lines, job, plain, summary)
+            groups, failures = _plan(client, _lines(reading), job, plain, summary)
             job.write(failures)
             _count(summary, failures)
             pending = sum(len(group.lines) for group in groups.values())
@@ -151,20 +151,25 @@ def run_batch_file(
     return summary
 
 
-def _scan(file: IO[bytes]) -> tuple[str, list[tuple[int, int, bytes]]]:
-    """The file's digest and its non-blank lines as ``(number, offset, bytes)``, numbers from 1."""
+def _digest(file: IO[bytes]) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    lines = []
+    for block in iter(lambda: file.read(1 << 20), b""):
+        digest.update(block)
+    file.seek(0)
+    return digest.hexdigest()
+
+
+def _lines(file: IO[bytes]) -> Iterator[tuple[int, int, bytes]]:
+    """The file's non-blank lines as ``(number, offset, bytes)``, numbers from 1."""
+    file.seek(0)
     offset = 0
     for number, line in enumerate(file, start=1):
-        digest.update(line)
         if line.strip():
-            lines.append((number, offset, line))
+            yield number, offset, line
         offset += len(line)
-    return digest.hexdigest(), lines
 
 
-def _plan(client: ClientvLLM, lines: list[tuple[int, int, bytes]], job: JobOutput, plain: Call,
+def _plan(client: ClientvLLM, lines: Iterator[tuple[int, int, bytes]], job: JobOutput, plain: Call,
           summary: JobSummary) -> tuple[dict[Any, _Group], list[dict[str, Any]]]:
     """Group the lines still to run; error records for the lines that cannot run."""
     groups: dict[Any, _Group] = {}
