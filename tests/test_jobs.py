@@ -175,7 +175,13 @@ def test_bad_lines_and_failed_requests_become_error_records_naming_their_line(cl
         assert words in failed[number]["error"]["message"], failed[number]["error"]
     assert not any(record["error"]["retryable"] for record in failed.values())
     assert sum(record["error"] is None for record in got) == 9
-    assert summary.done == 9 and sum(summary.failed.values()) == 12
+    assert summary.done == 9 and sum(summary.failed.values()) == 12 and summary.retryable == 0
+    # Lasting failures are kept: a rerun adds nothing, sends nothing (the duplicate stays the duplicate).
+    before = (tmp_path / "out.jsonl").read_bytes()
+    fake_vllm.clear()
+    again = run_batch_file(client, source, tmp_path / "out.jsonl", progress=False)
+    assert (again.already_done, again.done, again.failed) == (len(lines), 0, {})
+    assert (tmp_path / "out.jsonl").read_bytes() == before and fake_vllm.requests_to("/v1/completions") == []
 
 
 def test_fields_a_line_leaves_out_are_not_sent(client, fake_vllm, tmp_path):
@@ -186,6 +192,18 @@ def test_fields_a_line_leaves_out_are_not_sent(client, fake_vllm, tmp_path):
             assert name not in recorded.body
     line_prompt = next(r for r in fake_vllm.requests_to("/v1/completions") if r.body["prompt"] == ["hello"])
     assert "add_special_tokens" not in line_prompt.body  # the server adds BOS to a line's raw prompt, as alone
+
+
+def test_a_chat_line_with_tools_goes_to_the_servers_chat_path_the_others_are_packed(client, fake_vllm, tmp_path):
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    lines = [chat_line("t", "find it", max_tokens=5, tools=[tool], tool_choice="auto"),
+             chat_line("a", "one", max_tokens=5), chat_line("b", "two", max_tokens=5)]
+    run_batch_file(client, write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl", progress=False)
+    got = by_id(tmp_path / "out.jsonl")
+    assert got["t"]["response"]["body"]["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "lookup"
+    assert len(fake_vllm.requests_to("/v1/chat/completions")) == 1
+    assert [r.body["prompt"] for r in fake_vllm.requests_to("/v1/completions")][0][0].endswith("\n\n")
+    assert got["a"]["response"]["body"]["choices"][0]["message"]["role"] == "assistant"
 
 
 def test_a_rerun_sends_nothing_for_lines_already_recorded(client, fake_vllm, tmp_path):
@@ -224,7 +242,7 @@ def test_transient_failures_are_run_again_and_replaced_lasting_ones_kept(client,
     out = tmp_path / "out.jsonl"
     fake_vllm.fail_next(503, times=100)  # every request of the first run
     first = run_batch_file(client, source, out, progress=False)
-    assert first.done == 0 and first.retryable == 8
+    assert first.done == 0 and first.retryable == 8 and first.failed == {"ServerError": 8, "InvalidInputError": 1}
     assert sum(record["error"]["retryable"] for record in records(out)) == 8  # one record per line meanwhile
     fake_vllm.clear_failures()
     second = run_batch_file(client, source, out, progress=False)

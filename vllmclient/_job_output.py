@@ -87,7 +87,7 @@ class JobOutput:
         assert self._lock is not None
         if not self._saved:
             os.ftruncate(self._lock.fileno(), 0)
-            self._lock.write(json.dumps(self.identity, indent=1).encode() + b"\n")
+            self._lock.write(json.dumps(self.identity, indent=1, default=str).encode() + b"\n")
             self._lock.flush()
             os.fsync(self._lock.fileno())
         if self.dropped:  # rewritten whole, then swapped in: a crash meanwhile leaves the old file

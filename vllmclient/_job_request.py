@@ -65,6 +65,11 @@ class Call:
 def plain_call(client: ClientvLLM, params: Mapping[str, Any]) -> Call:
     """Plain lines: conversations with the call's parameters, as ``generate`` sends them; raises if they are bad."""
     request = replace(client._request(dict(params)), keep_answer=True)
+    if request.structured_retries:
+        raise InvalidInputError(
+            "structured_outputs_retries is not supported in job files: a record holds the server's answer as it "
+            "came. Leave it out (0); each answer is still constrained by structured_outputs."
+        )
     chat = request.chat
     return Call(request, prepare_for(client._formatter, request),
                 lambda answer: _strip_ids(answer if chat else as_chat(answer), chat=True))

@@ -45,6 +45,7 @@ class JobSummary:
     already_done: int = 0  # records kept from earlier runs
     done: int = 0  # successful records written by this run
     failed: dict[str, int] = field(default_factory=dict)
+    retryable: int = 0  # of the failed: server-side or transient failures, which a rerun runs again
     prompt_tokens: int = 0
     output_tokens: int = 0
     seconds: float = 0.0
@@ -55,11 +56,6 @@ class JobSummary:
         finished = self.done + sum(self.failed.values())
         return finished / self.seconds if self.seconds > 0 else 0.0
 
-    @property
-    def retryable(self) -> int:
-        """Error records a rerun will run again (server-side or transient failures)."""
-        return self.failed.get("retryable", 0)
-
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["prompts_per_second"] = round(self.prompts_per_second, 2)
@@ -67,8 +63,8 @@ class JobSummary:
         return data
 
     def __str__(self) -> str:
-        failed = sum(count for reason, count in self.failed.items() if reason != "retryable")
-        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.failed.items()) if reason != "retryable")
+        failed = sum(self.failed.values())
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.failed.items()))
         lines = [
             f"{self.inputs} inputs: {self.already_done} done before, {self.done} done now, {failed} failed"
             + (f" ({reasons})" if reasons else ""),
@@ -262,8 +258,7 @@ def _count(summary: JobSummary, records: list[dict[str, Any]]) -> None:
             summary.output_tokens += usage.get("completion_tokens") or 0
         else:
             summary.failed[error["type"]] = summary.failed.get(error["type"], 0) + 1
-            if error["retryable"]:
-                summary.failed["retryable"] = summary.failed.get("retryable", 0) + 1
+            summary.retryable += bool(error["retryable"])
 
 
 def parse_line(raw: bytes, default_id: str) -> tuple[str, str | None, dict[str, Any] | None, Any]:
