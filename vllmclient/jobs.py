@@ -49,7 +49,6 @@ class JobSummary:
     prompt_tokens: int = 0
     output_tokens: int = 0
     seconds: float = 0.0
-    interrupted: bool = False
 
     @property
     def prompts_per_second(self) -> float:
@@ -135,9 +134,6 @@ def run_batch_file(
             bar = _bar(pending, progress)
             try:
                 client._loop.run(_run(client, reading, groups, job, summary, bar))
-            except KeyboardInterrupt:
-                summary.interrupted = True
-                raise
             finally:
                 if bar is not None:
                     bar.close()
