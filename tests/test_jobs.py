@@ -368,3 +368,16 @@ def test_a_job_stopped_mid_way_ends_after_a_rerun_with_one_record_per_line_as_if
     got, expected = by_id(out), by_id(clean)
     assert set(got) == set(expected) and len(records(out)) == 240
     assert all(got[key]["error"] is None and texts(got[key]) == texts(expected[key]) for key in expected)
+
+
+def test_the_console_scripts_name_the_command_line_and_the_launcher():
+    import configparser
+    import importlib
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in config["options.entry_points"]["console_scripts"].strip().splitlines())
+    assert scripts == {"vllmclient": "vllmclient.cli:main", "vllmclient-server": "vllmclient.local_server:main"}
+    for target in scripts.values():
+        module, name = target.split(":")
+        assert callable(getattr(importlib.import_module(module), name))
