@@ -29,7 +29,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from run import make_inputs, start_server  # noqa: E402  (benchmarks/run.py)
+from run import make_inputs, start_server  # benchmarks/run.py
 
 
 def child(kind: str, url: str, tokenizer: str, source: Path, concurrency: int, max_tokens: int) -> dict[str, Any]:

@@ -202,7 +202,8 @@ def test_a_chat_line_with_tools_goes_to_the_servers_chat_path_the_others_are_pac
     got = by_id(tmp_path / "out.jsonl")
     assert got["t"]["response"]["body"]["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "lookup"
     assert len(fake_vllm.requests_to("/v1/chat/completions")) == 1
-    assert [r.body["prompt"] for r in fake_vllm.requests_to("/v1/completions")][0][0].endswith("\n\n")
+    (packed,) = fake_vllm.requests_to("/v1/completions")  # the other two, rendered with the template, together
+    assert len(packed.body["prompt"]) == 2 and all(p.endswith("\n\n") for p in packed.body["prompt"])
     assert got["a"]["response"]["body"]["choices"][0]["message"]["role"] == "assistant"
 
 
