@@ -174,8 +174,8 @@ class Engine:
             )
             outputs = read(completion_outputs, data, len(payloads), request, request_id)
             if request.keep_answer:
-                for position, output in enumerate(outputs):
-                    output["answer"] = read(completion_alone, data, position, request.n)
+                for output, answer in zip(outputs, read(completion_alone, data, len(payloads), request.n), strict=True):
+                    output["answer"] = answer
         if seconds is not None:
             for output in outputs:
                 output["latency"] = seconds

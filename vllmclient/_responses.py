@@ -60,24 +60,27 @@ def completion_outputs(data: dict[str, Any], prompts: int, request: Request, req
     return outputs
 
 
-def completion_alone(data: dict[str, Any], position: int, n: int) -> dict[str, Any]:
-    """The answer to a pack, cut to what the server would have answered prompt ``position`` sent alone: its
-    ``n`` choices indexed from 0, and its own ``usage`` counted from the token ids (the client asks for them)."""
-    choices = [dict(choice, index=choice["index"] - position * n) for choice in data["choices"]
-               if choice["index"] // n == position]
-    if len(data["choices"]) == n:  # the pack held this prompt alone: the server's own usage is exact
-        return dict(data, choices=choices)
-    prompt_ids: list[int] | None = next(
-        (choice["prompt_token_ids"] for choice in choices if choice.get("prompt_token_ids")), None
-    )
-    outputs: list[list[int] | None] = [choice.get("token_ids") for choice in choices]
-    usage = None
-    if prompt_ids is not None and all(ids is not None for ids in outputs):
-        prompt_tokens = len(prompt_ids)
-        completion_tokens = sum(len(ids or ()) for ids in outputs)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": None}
-    return dict(data, choices=choices, usage=usage)
+def completion_alone(data: dict[str, Any], prompts: int, n: int) -> list[dict[str, Any]]:
+    """The answer to a pack, cut into what the server would have answered each prompt sent alone: its ``n``
+    choices indexed from 0, and its own ``usage`` counted from the token ids (the client asks for them)."""
+    if prompts == 1:  # the server's own answer, usage exact
+        return [data]
+    per_prompt: list[list[dict[str, Any]]] = [[] for _ in range(prompts)]
+    for choice in data["choices"]:
+        position, j = divmod(choice["index"], n)
+        per_prompt[position].append(dict(choice, index=j))
+    answers = []
+    for choices in per_prompt:
+        prompt_ids = next((choice["prompt_token_ids"] for choice in choices if choice.get("prompt_token_ids")), None)
+        outputs: list[list[int] | None] = [choice.get("token_ids") for choice in choices]
+        usage = None
+        if prompt_ids is not None and all(ids is not None for ids in outputs):
+            prompt_tokens = len(prompt_ids)
+            completion_tokens = sum(len(ids or ()) for ids in outputs)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                     "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": None}
+        answers.append(dict(data, choices=choices, usage=usage))
+    return answers
 
 
 def chat_output(data: dict[str, Any], request: Request, request_id: str) -> GenerateOutput:
