@@ -69,7 +69,9 @@ def as_sent(llm: ClientvLLM, line: dict[str, Any]) -> dict[str, Any]:
         return line
     body = dict(line["body"])
     prompt = llm._formatter.render(body.pop("messages"), None)  # type: ignore[union-attr]
-    body.update(prompt=prompt, add_special_tokens=False, logprobs=body.pop("top_logprobs"))
+    body.update(prompt=prompt, add_special_tokens=False)
+    if body.pop("logprobs", False):
+        body["logprobs"] = body.pop("top_logprobs")
     return {"url": "/v1/completions", "body": body}
 
 
@@ -98,13 +100,18 @@ def test_each_record_is_what_the_server_answers_the_line_alone(mode, request, fa
                                      return_token_ids=i % 2 == 0))
         lines.append(chat_line(f"c{i}", f"Tell me about {i}", max_tokens=10, seed=i, n=2, temperature=0.9,
                                logprobs=True, top_logprobs=2))
+    for i in range(5):  # the same body: packed, n choices per prompt, cut apart per line
+        lines.append(completion_line(f"s{i}", f"Shared body {i}", max_tokens=6, seed=99, n=2, logprobs=1))
+        lines.append(chat_line(f"t{i}", f"Shared chat {i}", max_tokens=6, seed=99, n=2, temperature=0.8))
     source = write_lines(tmp_path / "in.jsonl", lines)
     summary = run_batch_file(llm, source, tmp_path / "out.jsonl", progress=False)
-    assert (summary.inputs, summary.done, summary.failed) == (12, 12, {})
+    assert (summary.inputs, summary.done, summary.failed) == (22, 22, {})
     got = by_id(tmp_path / "out.jsonl")
     assert set(got) == {line["custom_id"] for line in lines}
-    chats = len(fake_vllm.requests_to("/v1/chat/completions"))  # each seed its own group: one request each
-    assert (len(fake_vllm.requests_to("/v1/completions")), chats) == ((12, 0) if mode == "tokenizer" else (6, 6))
+    completions = fake_vllm.requests_to("/v1/completions")
+    chats = len(fake_vllm.requests_to("/v1/chat/completions"))  # each seed its own group, the shared ones packed
+    assert (len(completions), chats) == ((14, 0) if mode == "tokenizer" else (7, 11))
+    assert any(len(r.body["prompt"]) == 5 and r.body["n"] == 2 for r in completions)
     for line in lines:
         record = got[line["custom_id"]]
         assert record["error"] is None and record["response"]["status_code"] == 200
@@ -118,8 +125,10 @@ def test_each_record_is_what_the_server_answers_the_line_alone(mode, request, fa
             if line["url"] == "/v1/completions":
                 assert mine["logprobs"] == theirs["logprobs"]
                 assert mine["token_ids"] == theirs["token_ids"]  # only when the line asked for them
-            else:
+            elif "logprobs" in line["body"]:
                 assert [p["token"] for p in mine["logprobs"]["content"]] == tokens(theirs["logprobs"])
+            else:
+                assert mine["logprobs"] is None
         assert set(expected) <= set(body), "a field of the server's answer is missing"
         assert set(expected["choices"][0]) - {"text"} <= set(body["choices"][0]) | {"prompt_logprobs",
                                                                                      "prompt_token_ids"}
