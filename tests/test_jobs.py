@@ -391,3 +391,21 @@ def test_the_console_scripts_name_the_command_line_and_the_launcher():
     for target in scripts.values():
         module, name = target.split(":")
         assert callable(getattr(importlib.import_module(module), name))
+
+
+def test_the_api_key_comes_from_a_file_never_the_command_line(make_fake_vllm, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    fake = make_fake_vllm(api_key="sk-job-S3CRET")
+    source = write_lines(tmp_path / "in.jsonl", [completion_line("p", "x", max_tokens=3)])
+    argv = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url", fake.base_url, "--no-progress"]
+    assert main(argv) == 1  # no key: refused by the server before anything is written
+    assert "API key" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
+    (tmp_path / "key").write_text("sk-job-S3CRET\n")
+    assert main([*argv, "--api-key-file", str(tmp_path / "key")]) == 0
+    assert by_id(tmp_path / "out.jsonl")["p"]["error"] is None
+    assert "S3CRET" not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--api-key", "sk-job-S3CRET"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--api-key-file" in err and "S3CRET" not in err

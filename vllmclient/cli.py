@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .local_server import _read_api_key, _RefuseKeyOnCommandLine
+
 __all__ = ["main"]
 
 # (option, type, GenerationParams name): sampling for plain lines, in vLLM's / OpenAI's names.
@@ -68,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                      "(default: the server renders them, one request each)")
     run.add_argument("--tokenizer-revision")
     run.add_argument("--api-key-file", metavar="PATH", help="file holding the server's API key (default: $VLLM_API_KEY)")
+    run.add_argument("--api-key", action=_RefuseKeyOnCommandLine, help=argparse.SUPPRESS)  # others see it with ps
     run.add_argument("--max-concurrency", type=int, default=256, help="most sequences on the server at once (256)")
     run.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take (120)")
     run.add_argument("--max-retries", type=int, default=6, help="retries of a failed request by the SDK (6)")
@@ -98,11 +101,9 @@ def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
         "tokenizer_revision": options.tokenizer_revision, "max_concurrency": options.max_concurrency,
         "timeout": options.timeout, "max_retries": options.max_retries,
     }
-    if options.api_key_file:
-        try:
-            settings["api_key"] = Path(options.api_key_file).read_text().strip()
-        except OSError as exc:
-            parser.error(f"--api-key-file {options.api_key_file}: {exc.strerror or exc}")
+    key = _read_api_key(parser, options.api_key_file)
+    if key is not None:
+        settings["api_key"] = key
     signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C: what is finished is kept
     resume = f"Run the same command again to resume: {options.output} keeps every finished line."
     client = None
