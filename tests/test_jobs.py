@@ -228,6 +228,20 @@ def test_a_rerun_sends_nothing_for_lines_already_recorded(client, fake_vllm, tmp
     assert (tmp_path / "out.jsonl").read_bytes() == first
 
 
+def test_a_job_resumes_on_another_server_and_concurrency(client, fake_vllm, make_fake_vllm, tokenizer_dir, tmp_path):
+    lines = [completion_line(f"p{i}", f"x {i}", max_tokens=3 + (i == 7), seed=5) for i in range(10)]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    fake_vllm.fail_next(503, times=100, match="x 7")  # line 8 (its own pack) fails for good on this server
+    run_batch_file(client, source, out, progress=False)
+    other = make_fake_vllm()
+    with ClientvLLM(base_url=other.base_url, tokenizer=str(tokenizer_dir), max_concurrency=3) as moved:
+        summary = run_batch_file(moved, source, out, progress=False)
+    assert (summary.already_done, summary.done) == (9, 1)
+    assert [r.body["prompt"] for r in other.requests_to("/v1/completions")] == [["x 7"]]
+    assert all(record["error"] is None for record in by_id(out).values())
+
+
 def test_a_torn_last_line_is_repaired_and_its_line_run_again(client, fake_vllm, tmp_path):
     lines = [completion_line(f"p{i}", f"x {i}", max_tokens=3, seed=5) for i in range(10)]
     source = write_lines(tmp_path / "in.jsonl", lines)

@@ -118,9 +118,12 @@ def run_batch_file(
     summary = JobSummary(str(source), str(target))
     with reading:
         digest = _digest(reading)
-        options = {"tokenizer": _local(client.tokenizer), "tokenizer_revision": client.tokenizer_revision,
-                   "model": client.model, "generation_kwargs": client.generation_kwargs,
-                   "num_generations": num_generations, "params": params}
+        options = {  # what decides the answers; not the server's address, nor how fast it is asked
+            "tokenizer": _local(client.tokenizer), "tokenizer_revision": client.tokenizer_revision,
+            "magpie_pre_query_template": client.magpie_pre_query_template if client.use_magpie_template else None,
+            "model": client.model, "generation_kwargs": client.generation_kwargs,
+            "structured_output": client.structured_output, "num_generations": num_generations, "params": params,
+        }
         job = JobOutput(target, identity(digest, source.resolve(), options))
         job.check()
         try:
