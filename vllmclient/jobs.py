@@ -342,6 +342,10 @@ def failure_record(custom_id: str, number: int, kind: str, message: str, *, erro
 
 
 def _retryable(exc: BaseException | None) -> bool:
+    """The server's trouble (unreachable, lost, timed out, 5xx, 429, an unreadable answer) or a local limit (out
+    of file descriptors): worth sending again. Not a line the server refused, a key or model it does not take."""
+    if isinstance(exc, ConfigurationError):
+        return True
     if not isinstance(exc, APIError):
         return False
     return not isinstance(exc, (BadRequestError, AuthenticationError, ModelNotFoundError))
