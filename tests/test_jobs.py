@@ -295,6 +295,17 @@ def test_an_output_written_for_another_job_is_refused_and_left_as_it_is(change, 
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
 
 
+def test_an_output_deleted_to_start_over_may_start_another_job(client, tmp_path):
+    source = write_lines(tmp_path / "in.jsonl", [completion_line("p", "x")])
+    out = tmp_path / "out.jsonl"
+    run_batch_file(client, source, out, progress=False, max_new_tokens=4)
+    out.unlink()  # its .job.json stays behind
+    summary = run_batch_file(client, source, out, progress=False, max_new_tokens=5)
+    assert summary.done == 1 and '"max_new_tokens": 5' in (tmp_path / "out.jsonl.job.json").read_text()
+    with pytest.raises(ConfigurationError, match="another job"):
+        run_batch_file(client, source, out, progress=False, max_new_tokens=4)
+
+
 def test_an_output_no_job_wrote_is_refused_and_left_as_it_is(client, tmp_path):
     source = write_lines(tmp_path / "in.jsonl", [completion_line("p", "x")])
     out = tmp_path / "out.jsonl"

@@ -69,9 +69,9 @@ class JobOutput:
             except OSError:  # a file system without locks
                 pass
         self._lock.seek(0)
-        self._saved = bool(self._lock.read(1))
-        self._lock.seek(0)
         has_output = path.exists() and path.stat().st_size > 0
+        self._saved = has_output and bool(self._lock.read(1))  # an identity without output guards nothing
+        self._lock.seek(0)
         if self._saved:
             self._check(self._lock.read())
         elif has_output:

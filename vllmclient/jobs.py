@@ -244,6 +244,9 @@ def _finish(job: JobOutput, summary: JobSummary, records: list[dict[str, Any]], 
     job.write(records)
     _count(summary, records)
     if bar is not None:
+        failed = sum(summary.failed.values())
+        if failed:
+            bar.set_postfix(failed=failed, refresh=False)
         bar.update(len(records))
 
 
