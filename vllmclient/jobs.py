@@ -78,7 +78,11 @@ class JobSummary:
 
 @dataclass
 class _Group:
-    call: Call
+    """Lines sharing a body. Its ``Call`` is built when it runs (from its first line): a job whose every line has
+    its own body (say its own seed) holds only the lines' places, not a request per line."""
+
+    url: str | None
+    call: Call | None = None
     lines: list[tuple[int, int]] = field(default_factory=list)  # (line number, byte offset)
     custom_ids: dict[int, str] = field(default_factory=dict)
 
@@ -130,7 +134,7 @@ def run_batch_file(
             client.load()
             plain = plain_call(client, {**params, "num_generations": num_generations})
             job.begin()
-            groups, failures = _plan(client, _lines(reading), job, plain, summary)
+            groups, failures = _plan(_lines(reading), job, plain, summary)
             job.write(failures)
             _count(summary, failures)
             pending = sum(len(group.lines) for group in groups.values())
@@ -164,7 +168,7 @@ def _lines(file: IO[bytes]) -> Iterator[tuple[int, int, bytes]]:
         offset += len(line)
 
 
-def _plan(client: ClientvLLM, lines: Iterator[tuple[int, int, bytes]], job: JobOutput, plain: Call,
+def _plan(lines: Iterator[tuple[int, int, bytes]], job: JobOutput, plain: Call,
           summary: JobSummary) -> tuple[dict[Any, _Group], list[dict[str, Any]]]:
     """Group the lines still to run; error records for the lines that cannot run."""
     groups: dict[Any, _Group] = {}
@@ -192,10 +196,13 @@ def _plan(client: ClientvLLM, lines: Iterator[tuple[int, int, bytes]], job: JobO
         if failure is not None:
             failures.append(failure)
             continue
-        key = None if url is None else (url, prompt_kind(url, payload), json.dumps(body, sort_keys=True))
+        key = None
+        if url is not None:
+            shared = json.dumps([url, prompt_kind(url, payload), body], sort_keys=True).encode()
+            key = hashlib.blake2b(shared, digest_size=16).digest()
         group = groups.get(key)
         if group is None:
-            group = groups[key] = _Group(plain if url is None else Call.of(client, url, body or {}))
+            group = groups[key] = _Group(url, plain if url is None else None)
         group.lines.append((number, offset))
         group.custom_ids[number] = custom_id
     return groups, failures
@@ -216,6 +223,11 @@ async def _run(client: ClientvLLM, reading: IO[bytes], groups: dict[Any, _Group]
     async def worker() -> None:
         for group in queue:
             call = group.call
+            if call is None:
+                reading.seek(group.lines[0][1])
+                _, url, body, _ = parse_line(reading.readline(), "")
+                assert url is not None and body is not None
+                call = Call.of(client, url, body)
             if call.error is not None:
                 records = [failure_record(group.custom_ids[number], number, type(call.error).__name__,
                                           str(call.error), exc=call.error) for number, _ in group.lines]
