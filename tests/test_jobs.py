@@ -434,3 +434,42 @@ def test_the_api_key_comes_from_a_file_never_the_command_line(make_fake_vllm, tm
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--api-key-file" in err and "S3CRET" not in err
+
+
+SENT_AS = [  # (line, what the server must get in the request carrying it)
+    (chat_line("a", "x", max_completion_tokens=7), {"max_tokens": 7}),
+    (chat_line("b", "x", max_tokens=7, max_completion_tokens=7), {"max_tokens": 7}),
+    (chat_line("c", "x", max_tokens=5, logprobs=True), {"logprobs": 0}),
+    (chat_line("d", "x", max_tokens=5, logprobs=False, top_logprobs=0, stream=False), {"max_tokens": 5}),
+    (completion_line("e", "x", max_tokens=5, echo=False, add_special_tokens=True), {"add_special_tokens": True}),
+    (completion_line("f", [5, 6, 7], max_tokens=5), {"prompt": [[5, 6, 7]]}),
+    (completion_line("g", ["just one"], max_tokens=5, user="me", top_k=3), {"prompt": ["just one"], "user": "me",
+                                                                          "top_k": 3}),
+]
+REFUSED = [
+    (chat_line("h", "x", max_tokens=5, max_completion_tokens=6), "disagree"),
+    (chat_line("i", "x", top_logprobs=2), "top_logprobs needs logprobs"),
+    (chat_line("j", "x", logprobs=3), "true or false"),
+    (chat_line("k", "x", suffix="no"), "'suffix'"),
+    (completion_line("l", "x", chat_template_kwargs={"a": 1}), "'chat_template_kwargs'"),
+    (completion_line("m", "x", top_logprobs=1), "'top_logprobs'"),
+    (completion_line("n", "x", echo=True), "echo"),
+    (completion_line("o", [1, "a"]), "token ids"),
+    (completion_line("p", "x", guided_regex="a+"), "guided"),
+    (completion_line("q", "x", max_tokens=5, n=0), "num_generations"),
+]
+
+
+def test_each_body_field_is_sent_as_vllm_reads_it_or_fails_its_line(client, fake_vllm, tmp_path):
+    lines = [line for line, _ in SENT_AS] + [line for line, _ in REFUSED]
+    run_batch_file(client, write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl", progress=False)
+    got = by_id(tmp_path / "out.jsonl")
+    sent = fake_vllm.requests_to("/v1/completions")
+    for line, fields in SENT_AS:
+        assert got[line["custom_id"]]["error"] is None, got[line["custom_id"]]["error"]
+        carrying = [r.body for r in sent if all(r.body.get(name) == value for name, value in fields.items())]
+        assert carrying, f"{line['custom_id']}: no request carried {fields}"
+    for line, words in REFUSED:
+        error = got[line["custom_id"]]["error"]
+        assert error is not None and words in error["message"], (line["custom_id"], error)
+        assert error["type"] == "InvalidInputError" and not error["retryable"]
