@@ -313,6 +313,7 @@ def test_an_output_no_job_wrote_is_refused_and_left_as_it_is(client, tmp_path):
     with pytest.raises(ConfigurationError, match="no `vllmclient run` wrote"):
         run_batch_file(client, source, out, progress=False)
     assert out.read_text() == "my own notes\n"
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]  # nothing left beside it either
 
 
 def test_the_command_line_runs_a_job_and_writes_its_summary(fake_vllm, tokenizer_dir, tmp_path, capsys):
@@ -473,3 +474,17 @@ def test_each_body_field_is_sent_as_vllm_reads_it_or_fails_its_line(client, fake
         error = got[line["custom_id"]]["error"]
         assert error is not None and words in error["message"], (line["custom_id"], error)
         assert error["type"] == "InvalidInputError" and not error["retryable"]
+
+
+def test_a_server_down_from_the_start_fails_the_command_and_writes_nothing(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once closed
+    source = write_lines(tmp_path / "in.jsonl", [completion_line("p", "x")])
+    argv = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url", f"http://127.0.0.1:{port}",
+            "--max-retries", "0", "--no-progress"]
+    assert main(argv) == 1
+    assert "connect" in capsys.readouterr().err.lower()
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]

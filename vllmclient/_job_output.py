@@ -156,6 +156,7 @@ class JobOutput:
             ) from exc
 
     def close(self) -> None:
+        began = self._fd is not None
         if self._fd is not None:
             try:
                 os.fsync(self._fd)
@@ -163,6 +164,8 @@ class JobOutput:
                 os.close(self._fd)
                 self._fd = None
         if self._lock is not None:
+            if not began and os.fstat(self._lock.fileno()).st_size == 0:
+                self.sidecar.unlink(missing_ok=True)  # made only to lock it: the job never began
             self._lock.close()  # releases the lock
             self._lock = None
 
