@@ -398,6 +398,18 @@ class _Choice:
 
 
 @dataclass
+class _Turn:
+    """One conversation of a chat request, rendered and checked."""
+
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    params: _Params
+    k: int  # top logprobs
+    texts: list[str]
+    tag: str | None
+
+
+@dataclass
 class _Params:
     max_tokens: int  # effective limit for this prompt
     target_cap: int  # upper bound of the random word count
@@ -620,6 +632,7 @@ class FakeVLLM:
         version: str = VERSION,
         reasoning_parser: bool = False,
         ssl_context: ssl.SSLContext | None = None,
+        batch_chat: bool = True,
     ) -> None:
         self.tokenizer_dir = Path(tokenizer_dir)
         self._tok = _get_tok(self.tokenizer_dir)
@@ -631,6 +644,7 @@ class FakeVLLM:
         self.request_id_headers = request_id_headers
         self.version = version  # GET /version; "" answers 404 (a server without the route)
         self.reasoning_parser = reasoning_parser  # as `vllm serve --reasoning-parser ...`: thinking split off
+        self.batch_chat = batch_chat  # False: no POST /v1/chat/completions/batch (404, as vLLM before it)
         self.requests: list[Recorded] = []
         self.completion_requests = 0
         self.streams_aborted = 0  # streamed answers whose client went away before the end
@@ -709,6 +723,8 @@ class FakeVLLM:
         app.router.add_post("/detokenize", self._detokenize)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
+        if self.batch_chat:
+            app.router.add_post("/v1/chat/completions/batch", self._chat_batch)
         # uvicorn's keep-alive in vLLM is 5 s; handlers are cancelled on client disconnect.
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=5.0,
                                      handler_cancellation=True, shutdown_timeout=1.0)
@@ -1403,12 +1419,8 @@ class FakeVLLM:
         except (TemplateError, ValueError, TypeError, KeyError) as e:  # template errors are 400s in vLLM
             raise _ApiError(400, str(e), type_="BadRequestError") from None
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        body = self._json_body(request)
-        _validate_fields(body, _CHAT_FIELDS)
-        model, max_model_len = self._resolve_model(body.get("model"))
-        await self._load_chat_template()
-        n = 1 if body.get("n") is None else body["n"]
+    def _chat_turn(self, body: dict[str, Any], max_model_len: int, n: int) -> _Turn:
+        """One conversation (``body["messages"]``) checked and rendered as vLLM's chat path does; raises its 400s."""
         prompt = self._render_chat(body)
         max_chars = max_model_len * self._tok.max_chars_per_token
         if body.get("truncate_prompt_tokens") is None and len(prompt) > max_chars:
@@ -1451,21 +1463,94 @@ class FakeVLLM:
             skip_special=body.get("skip_special_tokens") is not False,
             ignore_eos=bool(body.get("ignore_eos")), min_tokens=min_tokens, seed_part=self._seed_part(body),
             constraint=self._constraint(body))
+        return _Turn(prompt, prompt_ids, params, k, texts, tag)
+
+    def _generate_turn(self, turn: _Turn, n: int) -> list[_Choice]:
+        broken = turn.params.constraint is not None and self._take_break(turn.prompt)
+        return [_generate(self._tok, turn.prompt, j, turn.tag, True, turn.params, broken) for j in range(n)]
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = self._json_body(request)
+        _validate_fields(body, _CHAT_FIELDS)
+        model, max_model_len = self._resolve_model(body.get("model"))
+        await self._load_chat_template()
+        n = 1 if body.get("n") is None else body["n"]
+        turn = self._chat_turn(body, max_model_len, n)
         request_id = f"chatcmpl-{self._request_id(request, body)}"
         answered = False
-        await self._engine(n, texts)
+        await self._engine(n, turn.texts)
         try:
-            choices = [_generate(self._tok, prompt, j, tag, True, params,
-                                 params.constraint is not None and self._take_break(prompt)) for j in range(n)]
+            choices = self._generate_turn(turn, n)
             if body.get("stream"):
                 response = await self._streamed(
-                    self._stream_chat(request, body, model, request_id, prompt_ids, choices, k))
+                    self._stream_chat(request, body, model, request_id, turn.prompt_ids, choices, turn.k))
             else:
-                response = self._chat_response(body, model, request_id, prompt_ids, choices, k)
+                response = self._chat_response(body, model, request_id, turn.prompt_ids, choices, turn.k)
             answered = True
             return response
         finally:
             self._engine_done(n, answered)
+
+    async def _chat_batch(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/chat/completions/batch`` as vLLM 0.32 serves it: ``messages`` is a list of conversations,
+        each answered as choice ``i``; ``n`` must be 1; one bad conversation fails the whole request; ``tools``
+        and ``stream`` are ignored without a word; the answer has summed usage and no ``prompt_token_ids``."""
+        body = self._json_body(request)
+        _validate_fields(body, _CHAT_FIELDS)
+        conversations = body.get("messages")
+        if not isinstance(conversations, list) or not conversations:
+            raise _validation_error([{"type": "missing" if conversations is None else "too_short",
+                                      "loc": "body.messages", "msg": "List should have at least 1 item after "
+                                      "validation, not 0", "input": conversations}])
+        for i, conversation in enumerate(conversations):
+            if not isinstance(conversation, list) or not conversation:
+                raise _validation_error([{"type": "too_short", "loc": f"body.messages.{i}",
+                                          "msg": "List should have at least 1 item after validation, not 0",
+                                          "input": conversation}])
+        if body.get("use_beam_search"):
+            raise _vllm_validation("Batch chat completions do not support beam search. Please set `use_beam_search` "
+                                   "to False.", "use_beam_search")
+        n = body.get("n", 1)
+        if n is not None and n != 1:
+            raise _vllm_validation("Batch chat completions do not support `n > 1`. Please set `n` to 1.", "n", n)
+        if body.get("tool_choice") not in (None, "none"):
+            raise _validation_error([{"type": "literal_error", "loc": "body.tool_choice", "msg": "Input should be "
+                                      "'none'", "input": body["tool_choice"], "ctx": {"expected": "'none'"}}])
+        model, max_model_len = self._resolve_model(body.get("model"))
+        await self._load_chat_template()
+        turns = [self._chat_turn({**body, "messages": conversation}, max_model_len, 1) for conversation in conversations]
+        request_id = f"chatcmpl-{self._request_id(request, body)}"
+        texts = [text for turn in turns for text in turn.texts]
+        answered = False
+        await self._engine(len(turns), texts)
+        try:
+            return_ids = bool(body.get("return_token_ids"))
+            out, completion_tokens = [], 0
+            for i, turn in enumerate(turns):
+                (c,) = self._generate_turn(turn, 1)
+                completion_tokens += len(c.ids)
+                out.append({
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text, "refusal": None, "annotations": None,
+                                "audio": None, "function_call": None,
+                                "reasoning": "thinking about choice 0" if self.reasoning_parser else None},
+                    "logprobs": _chat_logprobs(self._tok, c.ids, turn.k, c.logprob_seed) if body.get("logprobs") else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                    "token_ids": list(c.ids) if return_ids else None,
+                    "routed_experts": None,
+                })
+            usage = _usage(sum(len(turn.prompt_ids) for turn in turns), completion_tokens)
+            response = _json_response({
+                "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": out, "service_tier": None, "system_fingerprint": self._fingerprint, "usage": usage,
+                "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
+                "ec_transfer_params": None, "metrics": None,
+            })
+            answered = True
+            return response
+        finally:
+            self._engine_done(len(turns), answered)
 
     def _chat_response(self, body: dict[str, Any], model: str, request_id: str, prompt_ids: tuple[int, ...],
                        choices: list[_Choice], k: int) -> web.Response:
