@@ -1466,8 +1466,9 @@ class FakeVLLM:
         return _Turn(prompt, prompt_ids, params, k, texts, tag)
 
     def _generate_turn(self, turn: _Turn, n: int) -> list[_Choice]:
-        broken = turn.params.constraint is not None and self._take_break(turn.prompt)
-        return [_generate(self._tok, turn.prompt, j, turn.tag, True, turn.params, broken) for j in range(n)]
+        constrained = turn.params.constraint is not None
+        return [_generate(self._tok, turn.prompt, j, turn.tag, True, turn.params,
+                          constrained and self._take_break(turn.prompt)) for j in range(n)]
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = self._json_body(request)

@@ -361,7 +361,8 @@ def _forget_requests(server: FakeVLLM) -> None:
 def sent_prompts(server: FakeVLLM) -> int:
     """How many prompts reached the server, on either path."""
     completions = sum(len(request.body["prompt"]) for request in server.requests_to("/v1/completions"))
-    return completions + len(server.requests_to("/v1/chat/completions"))
+    packed = sum(len(request.body["messages"]) for request in server.requests_to("/v1/chat/completions/batch"))
+    return completions + packed + len(server.requests_to("/v1/chat/completions"))
 
 
 def check_message(message: str, *words: str) -> None:
@@ -546,7 +547,8 @@ def test_arrays_and_mappings_are_conversations(clients, server, path, tmp_path):
     assert single["generations"] == outputs[4]["generations"]
     plain = [as_arrays(index, plain=True)[index] for index in range(FORMS)]
     if path == "chat":  # what is sent is plain JSON, as for the lists of dicts
-        sent = [json.dumps(r.body["messages"]) for r in server.requests_to("/v1/chat/completions")]
+        sent = [json.dumps(conversation) for r in server.requests_to("/v1/chat/completions/batch")
+                for conversation in r.body["messages"]]
         assert sorted(sent[:FORMS]) == sorted(json.dumps(conversation) for conversation in plain)
     # A checkpoint takes them for the conversations they stand for.
     clients[path].generate(inputs, max_new_tokens=4, seed=1, checkpoint=tmp_path / "job.jsonl")

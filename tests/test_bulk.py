@@ -88,9 +88,10 @@ def llm(fake_vllm, tokenizer_dir) -> Iterator[ClientvLLM]:
         ("/v1/completions", 12, None, 3, 40),
         ("/v1/completions", 12, 1, 3, 40),
         ("/v1/completions", 13, None, 1, 130),  # packs of 3 and 2 tile 13 slots exactly
-        ("/v1/chat/completions", 8, None, 1, 40),  # tokenizer=None: the server applies the template
+        ("/v1/chat/completions/batch", 8, None, 1, 40),  # tokenizer=None: the server applies the template
+        ("/v1/chat/completions", 8, 1, 1, 40),
     ],
-    ids=["packed", "pack_size=1", "n=3-packed", "n=3-pack_size=1", "13-slots", "chat"],
+    ids=["packed", "pack_size=1", "n=3-packed", "n=3-pack_size=1", "13-slots", "chat-packed", "chat-pack_size=1"],
 )
 def test_sequences_in_flight_never_exceed_max_concurrency_and_reach_it(
     fake_vllm, tokenizer_dir, endpoint, max_concurrency, pack_size, num_generations, count

@@ -30,9 +30,10 @@ from vllmclient import APIError, ClientvLLM, errors
 from deadline import run_with_timeout
 from fake_vllm import FakeVLLM
 
-TEMPLATE, CHAT = "template", "chat"
-ENDPOINT = {TEMPLATE: "/v1/completions", CHAT: "/v1/chat/completions"}
-MODES = list(ENDPOINT)
+TEMPLATE, CHAT, CHAT_BATCH = "template", "chat", "chat-batch"
+ENDPOINT = {TEMPLATE: "/v1/completions", CHAT: "/v1/chat/completions", CHAT_BATCH: "/v1/chat/completions/batch"}
+MODES = [TEMPLATE, CHAT]
+BATCH_MODES = [TEMPLATE, CHAT, CHAT_BATCH]  # chat: one conversation per request (pack_size=1); chat-batch: packed
 HANG = 20.0  # seconds: a call still running by then hangs (the slowest call here takes about 2 s)
 within_deadline = functools.partial(run_with_timeout, timeout=HANG)
 """Run a blocking call in a daemon thread: if it hangs, the test fails instead of the suite."""
@@ -239,23 +240,27 @@ def batch_plan(mode: str, faults: list[Fault]) -> tuple[int, dict[int, Fault]]:
     """Inputs for a batch in packs of two, and the fault of each input of a faulted request.
 
     Fault k hits the request holding input 4k; inputs 4k+2 and 4k+3 make a healthy pack between.
-    A pack is one request, so in the template mode input 4k+1 fails with 4k; in chat each input
-    is its own request.
+    A pack is one request, so in the template and chat-batch modes input 4k+1 fails with 4k; in chat
+    each input is its own request.
     """
     affected: dict[int, Fault] = {}
     for k, fault in enumerate(faults):
         affected[4 * k] = fault
-        if mode == TEMPLATE:
+        if mode != CHAT:
             affected[4 * k + 1] = fault
     return 4 * len(faults), affected
 
 
+def pack_of_two(mode: str) -> int:
+    return 1 if mode == CHAT else 2
+
+
 @WAITS_FOR_H2
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", BATCH_MODES)
 def test_in_a_batch_a_lasting_fault_fails_only_the_inputs_of_its_request(mode, fake_vllm, tokenizer_dir):
     faults = [fault for fault in FAULTS if not fault.client]  # the slow answer's short timeout: next test
     count, affected = batch_plan(mode, faults)
-    with client_for(fake_vllm, tokenizer_dir, mode, max_retries=1, pack_size=2) as llm:
+    with client_for(fake_vllm, tokenizer_dir, mode, max_retries=1, pack_size=pack_of_two(mode)) as llm:
         for k, fault in enumerate(faults):
             fault.inject(fake_vllm, ENDPOINT[mode], LASTING, tag(4 * k))
         outputs = within_deadline(lambda: llm.generate([tagged(i) for i in range(count)], max_new_tokens=4))
@@ -283,11 +288,12 @@ def test_in_a_batch_a_lasting_fault_fails_only_the_inputs_of_its_request(mode, f
 
 
 @WAITS_FOR_H2
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", BATCH_MODES)
 def test_in_a_batch_a_slow_answer_fails_only_the_inputs_of_its_request(mode, fake_vllm, tokenizer_dir):
     (fault,) = [fault for fault in FAULTS if fault.id == "slower-than-timeout"]
     count, affected = batch_plan(mode, [fault])
-    with client_for(fake_vllm, tokenizer_dir, mode, max_retries=1, pack_size=2, **dict(fault.client)) as llm:
+    with client_for(fake_vllm, tokenizer_dir, mode, max_retries=1, pack_size=pack_of_two(mode),
+                    **dict(fault.client)) as llm:
         fault.inject(fake_vllm, ENDPOINT[mode], LASTING, tag(0))
         outputs = within_deadline(lambda: llm.generate([tagged(i) for i in range(count)], max_new_tokens=4))
     assert [index for index, output in enumerate(outputs) if "error" in output] == sorted(affected)
@@ -299,17 +305,17 @@ def test_in_a_batch_a_slow_answer_fails_only_the_inputs_of_its_request(mode, fak
     assert sum(1 for request in fake_vllm.requests_to(ENDPOINT[mode]) if request.fault) == 1  # not sent again
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", BATCH_MODES)
 def test_in_a_batch_passing_faults_cost_a_retry_each_and_every_input_succeeds(mode, fake_vllm, tokenizer_dir):
     count, affected = batch_plan(mode, RETRIED)
-    with client_for(fake_vllm, tokenizer_dir, mode, max_retries=1, pack_size=2) as llm:
+    with client_for(fake_vllm, tokenizer_dir, mode, max_retries=1, pack_size=pack_of_two(mode)) as llm:
         for k, fault in enumerate(RETRIED):
             fault.inject(fake_vllm, ENDPOINT[mode], 1, tag(4 * k))
         outputs = within_deadline(lambda: llm.generate([tagged(i) for i in range(count)], max_new_tokens=4))
     assert [index for index, output in enumerate(outputs) if not starts_with_tag(output, index)] == []
     retried = set().union(*(inputs_of(r) for r in fake_vllm.requests_to(ENDPOINT[mode]) if r.retry_count))
     assert retried == set(affected)
-    assert sorted(attempts(fake_vllm, mode)) == [0] * (count // (2 if mode == TEMPLATE else 1)) + [1] * len(RETRIED)
+    assert sorted(attempts(fake_vllm, mode)) == [0] * (count // pack_of_two(mode)) + [1] * len(RETRIED)
 
 
 # -- loading: GET /v1/models, the same request in both modes ------------------------------------

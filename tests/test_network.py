@@ -265,7 +265,7 @@ _MANY_CHATS = textwrap.dedent("""
     resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), int(sys.argv[3])))
     from vllmclient import ClientvLLM
     inputs = [[{"role": "user", "content": f"[[q{i}]] hello"}] for i in range(1500)]
-    with ClientvLLM(base_url=sys.argv[1], tokenizer=None) as llm:
+    with ClientvLLM(base_url=sys.argv[1], tokenizer=None, pack_size=1) as llm:  # one request per conversation
         outputs = llm.generate(inputs, max_new_tokens=4, progress=False)
     errors = [o["error"].type + ": " + o["error"].message for o in outputs if "error" in o]
     right = sum("error" not in o and o["generations"][0].split()[0] == f"q{i}" for i, o in enumerate(outputs))
@@ -304,7 +304,8 @@ def _run_child(script: str, *args: object) -> dict[str, Any]:
 
 @pytest.mark.parametrize("hard", [256, 4096], ids=["hard-256", "hard-4096"])
 def test_many_chat_requests_fit_a_256_open_file_limit(tokenizer_dir, hard):
-    """macOS's default soft limit is 256: chat sends one request per input, at most 256 at once by default."""
+    """macOS's default soft limit is 256: chat with pack_size=1 sends one request per input, at most 256 at once by
+    default."""
     with FakeVLLM(tokenizer_dir, latency=0.05) as server:
         result = _run_child(_MANY_CHATS, server.base_url, 256, hard)
         attempts = retry_counts(server, "/v1/chat/completions")

@@ -260,8 +260,8 @@ def test_every_result_carries_the_request_id_the_server_saw(fake_vllm, tokenizer
     with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=tokenizer_dir if mode == "template" else None,
                     max_retries=0) as client:
         outputs = client.generate([user(f"[[t{i}]] x") for i in range(6)] + [user("BROKEN")])
-    path = "/v1/completions" if mode == "template" else "/v1/chat/completions"
-    seen = {request.headers["x-request-id"] for request in fake_vllm.requests_to(path)}
+    paths = ["/v1/completions"] if mode == "template" else ["/v1/chat/completions", "/v1/chat/completions/batch"]
+    seen = {request.headers["x-request-id"] for path in paths for request in fake_vllm.requests_to(path)}
     assert all(output["request_id"] in seen for output in outputs)
     assert all(output["request_id"].startswith("vllmclient-") for output in outputs)
     assert outputs[-1]["error"].request_id == outputs[-1]["request_id"]

@@ -20,7 +20,7 @@ import openai
 
 from ._http import Capacity, Ticket, ticket
 from ._request import Request
-from ._responses import chat_output, completion_alone, completion_outputs, read
+from ._responses import batch_chat_outputs, chat_output, completion_alone, completion_outputs, read
 from .errors import (
     APIError,
     BadRequestError,
@@ -99,6 +99,7 @@ class Engine:
         self.capacity = Capacity(max_concurrency)
         self.connections = Capacity(connections)  # requests in flight: at most one per pooled connection
         self.sizer = PackSizer(pack_size)
+        self.batch_chat = True  # False once the server answered that it has no POST /chat/completions/batch
 
     async def post(self, path: str, body: dict[str, Any], sequences: int) -> tuple[Any, str, float | None]:
         """One request through the SDK (its retries and timeouts), JSON decoded without model parsing.
@@ -160,14 +161,27 @@ class Engine:
             await self._checked([(0, payload, output)], request)
         return output
 
+    def packs(self, request: Request) -> bool:
+        """Whether several inputs may share a request: always for prompts, for conversations when the server
+        has ``/chat/completions/batch`` and the request is one it carries (see ``Request.packs_conversations``)."""
+        return not request.chat or (request.packs_conversations and self.batch_chat)
+
     async def _generate(self, payloads: list[Any], request: Request) -> list[GenerateOutput]:
-        """One request for these payloads (a chat request takes exactly one); errors are raised."""
-        if request.chat:
+        """One request for these payloads (several conversations only if ``packs``); errors are raised.
+
+        A lone conversation goes to ``/chat/completions``, whose answer has its exact input token count.
+        """
+        if request.chat and len(payloads) == 1:
             (messages,) = payloads
             data, request_id, seconds = await self.post("/chat/completions", request.with_messages(messages), request.n)
             outputs = [read(chat_output, data, request, request_id)]
             if request.keep_answer:
                 outputs[0]["answer"] = data
+        elif request.chat:
+            data, request_id, seconds = await self.post(
+                "/chat/completions/batch", request.with_conversations(payloads), len(payloads)
+            )
+            outputs = read(batch_chat_outputs, data, len(payloads), request, request_id)
         else:
             data, request_id, seconds = await self.post(
                 "/completions", request.with_prompts(payloads), len(payloads) * request.n
@@ -222,7 +236,7 @@ class Engine:
             ready: collections.deque[tuple[int, Any, GenerateOutput | None]] = collections.deque()
             exhausted = False
             while True:
-                size = 1 if request.chat else self.sizer.size(slots)
+                size = self.sizer.size(slots) if self.packs(request) else 1
                 # Prepare the next pack while the server is busy: rendering is then off the path from a
                 # freed slot to the next request.
                 while not exhausted and len(ready) < size:
@@ -287,10 +301,21 @@ class Engine:
         A 400 about the prompts (their length, whatever ``param`` vLLM names, or their content), or a
         failure on our side before an answer (a prompt the request could not carry), is split; a 400 about
         a call-wide parameter (temperature, logprobs, ...) or a server failure fails the pack as it is.
+        Conversations that may not share a request (any more: a server without ``/chat/completions/batch``
+        says so with a 404 once) go one per request.
         """
+        if len(pack) > 1 and not self.packs(request):
+            parts = await asyncio.gather(*(self._send_pack([item], request) for item in pack))
+            return [result for part in parts for result in part]
         try:
             outputs = await self._generate([payload for _, payload in pack], request)
         except APIError as exc:  # includes an answer we cannot read
+            if request.chat and len(pack) > 1 and _no_route(exc):
+                if self.batch_chat:
+                    self.batch_chat = False
+                    logger.info("vllmclient: %s has no POST /chat/completions/batch; one request per conversation",
+                                self.base_url)
+                return await self._send_pack(pack, request)
             if len(pack) == 1 or not _about_a_prompt(exc):
                 return [(index, _failed(index, request, exc)) for index, _ in pack]
         except Exception as exc:  # noqa: BLE001 - ours, before any answer: find the input that caused it
@@ -332,12 +357,7 @@ class Engine:
         self, items: list[tuple[int, Any, GenerateOutput, list[int]]], request: Request
     ) -> list[tuple[int, Any, GenerateOutput]]:
         """One re-ask of these inputs' invalid generations; returns the inputs whose answers came back."""
-        pack = [(index, payload) for index, payload, _, _ in items]
-        if request.chat:  # a chat request carries one conversation
-            parts = await asyncio.gather(*(self._send_pack([item], request) for item in pack))
-            results = [result for part in parts for result in part]
-        else:
-            results = await self._send_pack(pack, request)
+        results = await self._send_pack([(index, payload) for index, payload, _, _ in items], request)
         answered = []
         for (index, payload, output, slots), (_, again) in zip(items, results, strict=True):
             if "error" in again:
@@ -379,7 +399,13 @@ def _about_a_prompt(exc: APIError) -> bool:
     if not isinstance(exc, BadRequestError):
         return False
     param = exc.body.get("param") if isinstance(exc.body, dict) else None
-    return param is None or param in _INPUT_PARAMS
+    # "body.messages.3": a request-validation error about one conversation of a batch
+    return param is None or param in _INPUT_PARAMS or str(param).startswith("body.messages")
+
+
+def _no_route(exc: APIError) -> bool:
+    """A 404/405 that is not vLLM's error object (as for a model it does not serve): the path is not served."""
+    return exc.status_code in (404, 405) and not (isinstance(exc.body, dict) and "type" in exc.body)
 
 
 def as_input_error(index: int, exc: Exception) -> VLLMClientError:

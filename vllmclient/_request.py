@@ -45,6 +45,20 @@ _CHAT_ONLY = frozenset({
     "include_reasoning", "max_completion_tokens", "media_io_kwargs", "messages", "mm_processor_kwargs",
     "parallel_tool_calls", "reasoning_effort", "return_prompt_text", "tool_choice", "tools", "top_logprobs",
 })
+# What vLLM's POST /v1/chat/completions/batch reads alike for every conversation (BatchChatCompletionRequest,
+# vLLM 0.32; the last six are not declared there but reach each conversation's request all the same, checked on
+# the server). Not here: n > 1, tools and tool_choice (refused, or ignored without a word), prompt_logprobs (its
+# answer has none), stream, beam search, and any field not checked. A call using any of them sends one
+# conversation per request.
+_BATCH_CHAT_FIELDS = frozenset({
+    "model", "n", "max_tokens", "max_completion_tokens", "frequency_penalty", "presence_penalty", "temperature",
+    "top_p", "top_k", "min_p", "repetition_penalty", "length_penalty", "seed", "stop", "logit_bias", "logprobs",
+    "top_logprobs", "logprob_token_ids", "return_token_ids", "return_tokens_as_token_ids", "response_format",
+    "structured_outputs", "include_reasoning", "chat_template", "chat_template_kwargs", "add_generation_prompt",
+    "continue_final_message", "media_io_kwargs", "mm_processor_kwargs", "priority", "cache_salt", "user", "echo",
+    "include_stop_str_in_output",
+    "min_tokens", "stop_token_ids", "ignore_eos", "skip_special_tokens", "truncate_prompt_tokens", "truncation_side",
+})
 # Removed in vLLM 0.12 (replaced by ``structured_outputs``); newer servers ignore them with HTTP 200.
 _GUIDED = {
     "guided_json": "structured_outputs={'json': schema}",
@@ -81,6 +95,13 @@ class Request:
     structured_retries: int = 0
     keep_answer: bool = False
     """Put the server's answer for each input in its output (``answer``), for job files."""
+    batch_fields: bool = False  # chat: every body field is one vLLM's /chat/completions/batch reads alike
+
+    @property
+    def packs_conversations(self) -> bool:
+        """Whether conversations may share a request through ``/chat/completions/batch``: it refuses n > 1, and
+        its answer cannot be cut into the one each conversation would have had alone (``keep_answer``)."""
+        return self.batch_fields and self.n == 1 and not self.keep_answer
 
     def with_prompts(self, prompts: list[Any]) -> dict[str, Any]:
         body = dict(self.body)
@@ -90,6 +111,11 @@ class Request:
     def with_messages(self, messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         body = dict(self.body)
         body["messages"] = list(messages)
+        return body
+
+    def with_conversations(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+        body = dict(self.body)
+        body["messages"] = [list(messages) for messages in conversations]
         return body
 
     def again(self, n: int, attempt: int) -> Request:
@@ -226,6 +252,7 @@ def build_request(
         chat_template_kwargs=None if chat else params.chat_template_kwargs,
         structured=structured,
         structured_retries=params.structured_outputs_retries,
+        batch_fields=chat and _BATCH_CHAT_FIELDS.issuperset(body),
     )
 
 

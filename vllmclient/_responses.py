@@ -14,7 +14,10 @@ from ._request import Request
 from .errors import APIError
 from .results import GenerateOutput, Logprob, empty_output
 
-__all__ = ["chat_logprobs", "chat_output", "completion_alone", "completion_logprobs", "completion_outputs", "read"]
+__all__ = [
+    "batch_chat_outputs", "chat_logprobs", "chat_output", "completion_alone", "completion_logprobs", "completion_outputs",
+    "read",
+]
 
 T = TypeVar("T")
 
@@ -90,26 +93,50 @@ def chat_output(data: dict[str, Any], request: Request, request_id: str) -> Gene
     prompt_ids = data.get("prompt_token_ids")
     input_tokens = len(prompt_ids) if prompt_ids is not None else usage.get("prompt_tokens")
     for choice in data["choices"]:
-        j = choice["index"]
-        message = choice.get("message") or {}
-        output["generations"][j] = message.get("content") or ""
-        output["finish_reasons"][j] = choice.get("finish_reason")
-        token_ids = choice.get("token_ids")
-        output["statistics"]["output_tokens"][j] = (
-            len(token_ids) if token_ids is not None else usage.get("completion_tokens") if n == 1 else None
-        )
-        output["statistics"]["input_tokens"][j] = input_tokens
-        tool_calls = message.get("tool_calls")
-        if tool_calls:
-            output.setdefault("tool_calls", [None] * n)[j] = tool_calls
-        reasoning = message.get("reasoning") or message.get("reasoning_content")  # the older name
-        if reasoning is not None:
-            output.setdefault("reasoning", [None] * n)[j] = reasoning
-        if request.logprobs is not None:
-            output.setdefault("logprobs", [[] for _ in range(n)])[j] = chat_logprobs(choice.get("logprobs"))
+        _chat_choice(output, choice["index"], choice, request, usage.get("completion_tokens") if n == 1 else None)
+        output["statistics"]["input_tokens"][choice["index"]] = input_tokens
     if request.prompt_logprobs is not None and data.get("prompt_logprobs") is not None:
         output["prompt_logprobs"] = _prompt_logprobs(data["prompt_logprobs"])
     return output
+
+
+def batch_chat_outputs(
+    data: dict[str, Any], conversations: int, request: Request, request_id: str
+) -> list[GenerateOutput]:
+    """vLLM's ``/chat/completions/batch`` answer: choice ``i`` is conversation ``i`` (``n`` is 1).
+
+    Its usage is summed over the pack and it carries no ``prompt_token_ids``, so a conversation's input
+    count is known only when it was alone; output counts come from each choice's ``token_ids``.
+    """
+    outputs = [empty_output(1, request_id) for _ in range(conversations)]
+    usage = data.get("usage") or {}
+    alone = conversations == 1
+    choices = data["choices"]
+    if sorted(choice["index"] for choice in choices) != list(range(conversations)):
+        raise ValueError(f"{len(choices)} choices for {conversations} conversations")
+    for choice in choices:
+        output = outputs[choice["index"]]
+        _chat_choice(output, 0, choice, request, usage.get("completion_tokens") if alone else None)
+        output["statistics"]["input_tokens"][0] = usage.get("prompt_tokens") if alone else None
+    return outputs
+
+
+def _chat_choice(output: GenerateOutput, j: int, choice: dict[str, Any], request: Request, tokens: int | None) -> None:
+    """Generation ``j`` of ``output`` from a chat choice; ``tokens``: its output count if the choice has no ids."""
+    message = choice.get("message") or {}
+    output["generations"][j] = message.get("content") or ""
+    output["finish_reasons"][j] = choice.get("finish_reason")
+    token_ids = choice.get("token_ids")
+    output["statistics"]["output_tokens"][j] = len(token_ids) if token_ids is not None else tokens
+    n = len(output["generations"])
+    tool_calls = message.get("tool_calls")
+    if tool_calls:
+        output.setdefault("tool_calls", [None] * n)[j] = tool_calls
+    reasoning = message.get("reasoning") or message.get("reasoning_content")  # the older name
+    if reasoning is not None:
+        output.setdefault("reasoning", [None] * n)[j] = reasoning
+    if request.logprobs is not None:
+        output.setdefault("logprobs", [[] for _ in range(n)])[j] = chat_logprobs(choice.get("logprobs"))
 
 
 def chat_logprobs(logprobs: dict[str, Any] | None) -> list[list[Logprob]]:
