@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // Fake vLLM OpenAI-compatible server for client-overhead and load benchmarks (plain Node, no npm deps).
 //
-//   node benchmarks/fake_server.js [--port 8000] [--latency MS] [--host 127.0.0.1]
+//   node benchmarks/fake_server.js [--port 8000] [--latency MS] [--host 127.0.0.1] [--no-batch-chat]
 //        [--fault-rate R --seed S --fault-kinds 500,503,... --retry-after SECONDS] [--poison MARKER]
 //
 // POST /v1/completions: `prompt` is a string or a list of strings; `n` choices per prompt, prompt-major
@@ -10,6 +10,10 @@
 //   completion_tokens = max_tokens per choice). With "return_token_ids": true, each choice also carries
 //   token_ids (max_tokens small ints) and prompt_token_ids (a short list).
 // POST /v1/chat/completions: one conversation, `n` choices, each the tag found in its last message, as above.
+// POST /v1/chat/completions/batch (off with --no-batch-chat: 404, as vLLM before it): `messages` is a list of
+//   conversations, choice i answers conversation i; `n` must be 1 and `tool_choice` "none" (else 400, as vLLM);
+//   usage is summed over the conversations and there is no prompt_token_ids; one poisoned conversation fails
+//   the whole request.
 // GET /v1/models, GET /health (empty 200).
 // GET /stats[?reset=1]: own CPU (process.cpuUsage, µs), requests/prompts answered, max requests and prompts
 //   in flight (reset=1 restarts the max counters after reading them); with faults, what was injected.
@@ -52,6 +56,7 @@ const FAULT_RATE = parseFloat(opt('--fault-rate', '0'));
 const FAULT_KINDS = opt('--fault-kinds', '500,503,429,502,reset,cut,truncated').split(',');
 const RETRY_AFTER = opt('--retry-after', '0.05');
 const POISON = opt('--poison', '');
+const BATCH_CHAT = !args.includes('--no-batch-chat');
 
 const stats = { requests: 0, prompts: 0, inflight: 0, inflight_prompts: 0, max_inflight: 0, max_inflight_prompts: 0, errors: 0,
   received: 0, faults: {}, fault_prompts: {}, poisoned: { requests: 0, single: 0 } };
@@ -200,7 +205,50 @@ function chatCompletion(body) {
   }, 1, poisoned];
 }
 
-// A generation request: `build(body)` gives [status, payload or message, prompts, poisoned].
+function chatChoice(messages, index, maxTokens, withIds) {
+  const m = TAG_RE.exec(messages[messages.length - 1].content);
+  const c = { index, message: { role: 'assistant', content: (m ? m[1] : '') + WORDS, reasoning: null },
+    logprobs: null, finish_reason: 'length', stop_reason: null };
+  if (withIds) c.token_ids = Array.from({ length: maxTokens }, (_, k) => (k % 100) + 1);
+  return c;
+}
+
+function batchChatCompletion(body) {
+  const conversations = body.messages;
+  if (!Array.isArray(conversations) || conversations.length === 0 || conversations.some((messages) =>
+    !Array.isArray(messages) || messages.length === 0 || messages.some((m) => typeof m?.content !== 'string'))) {
+    return [400, 'messages must be a non-empty list of non-empty conversations with string content'];
+  }
+  if (body.n != null && body.n !== 1) {
+    return [400, `Batch chat completions do not support \`n > 1\`. Please set \`n\` to 1. (parameter=n, value=${body.n})`,
+      'n'];
+  }
+  if (body.tool_choice != null && body.tool_choice !== 'none') return [400, "Input should be 'none'", 'body.tool_choice'];
+  const maxTokens = body.max_tokens == null ? 16 : body.max_tokens;
+  const withIds = body.return_token_ids === true;
+  const choices = [];
+  let promptTokens = 0;
+  let poisoned = false;
+  for (let i = 0; i < conversations.length; i++) {
+    const messages = conversations[i];
+    for (const message of messages) {
+      promptTokens += countWords(message.content);
+      if (POISON !== '' && message.content.includes(POISON)) poisoned = true;
+    }
+    choices.push(chatChoice(messages, i, maxTokens, withIds));
+  }
+  const completionTokens = maxTokens * conversations.length;
+  return [200, {
+    id: 'chatcmpl-' + (++seq), object: 'chat.completion', created: Math.floor(Date.now() / 1000),
+    model: body.model || MODEL, choices, service_tier: null, system_fingerprint: null,
+    usage: { prompt_tokens: promptTokens, total_tokens: promptTokens + completionTokens,
+      completion_tokens: completionTokens, prompt_tokens_details: null },
+    prompt_logprobs: null, prompt_token_ids: null,
+  }, conversations.length, poisoned];
+}
+
+// A generation request: `build(body)` gives [status, payload or message, prompts, poisoned] (or, for a 400,
+// [status, message, param]).
 function generation(req, res, build, chat) {
   const arrived = performance.now();
   const chunks = [];
@@ -214,7 +262,7 @@ function generation(req, res, build, chat) {
       return error(res, 400, 'invalid JSON');
     }
     const [status, payload, np, poisoned] = build(body);
-    if (status !== 200) return error(res, status, payload);
+    if (status !== 200) return error(res, status, payload, 'BadRequestError', np ?? null);
     if (FAULT_RATE > 0) {
       const kind = drawFault();
       if (kind !== null) return injectFault(kind, req, res, np, () => payload);
@@ -246,6 +294,9 @@ const server = http.createServer((req, res) => {
   const url = req.url;
   if (req.method === 'POST' && url === '/v1/completions') return generation(req, res, completion, false);
   if (req.method === 'POST' && url === '/v1/chat/completions') return generation(req, res, chatCompletion, true);
+  if (BATCH_CHAT && req.method === 'POST' && url === '/v1/chat/completions/batch') {
+    return generation(req, res, batchChatCompletion, true);
+  }
   if (req.method === 'GET' && url === '/v1/models') {
     return send(res, 200, { object: 'list', data: [{ id: MODEL, object: 'model', created: 0, owned_by: 'vllm',
       root: MODEL, parent: null, max_model_len: MAX_MODEL_LEN, permission: [] }] });

@@ -10,7 +10,9 @@ split it to find the guilty input.
 Cases, each in its own process (so peak RSS is its own) with its own server:
 
 - ``completions``: client-side chat template (the tiny tokenizer), packed prompts to ``/v1/completions``;
-- ``chat``: ``tokenizer=None``, one conversation per request to ``/v1/chat/completions``;
+- ``chat``: ``tokenizer=None``, packed conversations to ``/v1/chat/completions/batch``;
+- ``chat-single``: ``tokenizer=None, pack_size=1``, one conversation per request to ``/v1/chat/completions``
+  (the chat path before packing);
 
 each through ``aiter_generate`` over a lazy generator of N inputs, and through ``generate`` over a list of
 ``--generate-n`` inputs. The checker asserts that every index ends exactly once, as a result (whose text
@@ -63,7 +65,7 @@ ROOT = str(HERE.parent)  # the work tree's vllmclient wins over an installed one
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-APIS = ("completions", "chat")
+APIS = ("completions", "chat", "chat-single")
 CALLS = ("aiter_generate", "generate")
 POISON = "~poison~"
 NOT_SENT = "ServerUnreachableError, not sent"  # the client gave up on a server it could not connect to
@@ -211,7 +213,7 @@ def run_case(server: FakeServer, *, api: str, call: str, n: int, seed: int, pois
     from vllmclient import ClientvLLM
 
     llm = ClientvLLM(base_url=f"{server.url}/v1", tokenizer=tokenizer if api == "completions" else None,
-                     max_concurrency=concurrency, max_retries=max_retries)
+                     max_concurrency=concurrency, max_retries=max_retries, pack_size=1 if api == "chat-single" else None)
     llm.load()
     tally, poisoned, rss = Tally(n), bytearray(n), []
     before = server.stats()
@@ -305,7 +307,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=100_000, help="inputs per aiter_generate run")
     p.add_argument("--generate-n", type=int, default=10_000, help="inputs per generate run (0: none)")
-    p.add_argument("--apis", default=",".join(APIS), help="completions (packed), chat (one per conversation)")
+    p.add_argument("--apis", default=",".join(APIS), help="completions (packed), chat (packed), chat-single (one per conversation)")
     p.add_argument("--fault-rate", type=float, default=0.05, help="share of requests that get a fault")
     p.add_argument("--poison-rate", type=float, default=0.001, help="share of inputs the server refuses (400)")
     p.add_argument("--max-retries", type=int, default=6, help="the client's max_retries (its default: 6)")

@@ -15,6 +15,9 @@ Kinds:
 - ``vllmclient``: ``ClientvLLM(base_url=URL/v1, tokenizer=DIR, max_concurrency=64)``, ``load()``, then
   ``generate_outputs(inputs, max_new_tokens=16, progress=False)``. Reported as "skipped: <reason>" while
   ``from vllmclient import ClientvLLM`` does not work.
+- ``vllmclient-chat`` (not run by default): the same with ``tokenizer=None``, the server's chat template,
+  conversations packed through ``/v1/chat/completions/batch``; ``vllmclient-chat-single``: also
+  ``pack_size=1``, one conversation per request to ``/v1/chat/completions``.
 
 Only generation is timed (not imports, tokenizer load, input building or client construction); inside the
 child ``resource.getrusage(RUSAGE_SELF)`` gives client CPU (user+sys) and peak RSS (whole child life).
@@ -68,6 +71,7 @@ ROOT = str(HERE.parent)  # the work tree's vllmclient wins over an installed one
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 KINDS = ("aiohttp", "openai", "openai-aiohttp", "vllmclient")
+CHAT_KINDS = ("vllmclient-chat", "vllmclient-chat-single")  # tokenizer=None: packed (/batch), or pack_size=1
 STREAM_KIND = "vllmclient-stream"
 Messages = list[dict[str, str]]
 WORDS = (
@@ -198,7 +202,9 @@ async def kind_openai(a: argparse.Namespace, inputs: list[Messages], timer: Time
 def new_vllmclient(a: argparse.Namespace) -> Any:
     from vllmclient import ClientvLLM
 
-    llm = ClientvLLM(base_url=f"{a.url}/v1", tokenizer=a.tokenizer, max_concurrency=a.concurrency)
+    chat = a.child in CHAT_KINDS
+    llm = ClientvLLM(base_url=f"{a.url}/v1", tokenizer=None if chat else a.tokenizer, max_concurrency=a.concurrency,
+                     pack_size=1 if a.child == "vllmclient-chat-single" else None)
     llm.load()
     return llm
 
@@ -278,7 +284,7 @@ def child_main(a: argparse.Namespace) -> dict[str, Any]:
     if a.child == "warmup":
         warmup(a)
         return {"check": "ok"}
-    if a.child in ("vllmclient", STREAM_KIND):
+    if a.child in ("vllmclient", STREAM_KIND, *CHAT_KINDS):
         try:
             from vllmclient import ClientvLLM  # noqa: F401
         except Exception as e:  # noqa: BLE001 - the package is being written: report, carry on
@@ -500,7 +506,8 @@ def parent_main(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
+    p.add_argument("--kinds", default=",".join(KINDS),
+                   help="comma-separated subset of " + ",".join(KINDS + CHAT_KINDS))
     p.add_argument("--n", type=int, default=0, help="inputs per run (default 3000; 1,000,000 with --stream-1m)")
     p.add_argument("--repeats", type=int, default=0, help="runs per kind (default 3; 1 with --stream-1m)")
     p.add_argument("--latency-ms", type=float, default=0.0, help="fake server latency per request")

@@ -1,0 +1,63 @@
+"""Chat-path packing (``tokenizer=None``) against the real vLLM server's ``POST /v1/chat/completions/batch``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vllmclient import ClientvLLM, LocalServer
+
+pytestmark = pytest.mark.integration
+
+NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Henry", "Iris", "Jack"]
+THINGS = ["ball", "book", "tree", "river", "garden", "cake", "boat", "kite"]
+LONG = "Anna sees the ball in the park every morning. " * 200  # ~2000 tokens, over the 1024 context
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def varied(i: int) -> list[dict[str, str]]:
+    """Conversations that differ in content and length (so their texts and token counts differ)."""
+    story = " ".join(f"{NAMES[(i + k) % 10]} sees the {THINGS[(i * k) % 8]}." for k in range(i % 5))
+    messages = [{"role": "system", "content": "You are a helpful assistant."}] if i % 3 == 0 else []
+    messages.append({"role": "user", "content": f"{story} Tell me about {NAMES[i % 10]} and the {THINGS[i % 8]}.".strip()})
+    return messages
+
+
+def generate(server: LocalServer, inputs: list[Any], pack_size: int, **params: Any) -> list[dict[str, Any]]:
+    with ClientvLLM(base_url=server.base_url, tokenizer=None, pack_size=pack_size, max_retries=0) as client:
+        return client.generate(inputs, **params)
+
+
+def test_packed_and_one_per_request_conversations_give_identical_greedy_results(vllm_server: LocalServer) -> None:
+    inputs = [varied(i) for i in range(24)]
+    params = {"temperature": 0, "max_new_tokens": 32, "logprobs": 2}
+    packed = generate(vllm_server, inputs, 8, **params)
+    single = generate(vllm_server, inputs, 1, **params)
+    assert all("error" not in output for output in packed + single)
+    assert len({output["request_id"] for output in packed}) == 3  # 24 conversations in 3 batch requests
+    assert len({output["request_id"] for output in single}) == 24
+    for a, b in zip(packed, single, strict=True):
+        assert a["generations"] == b["generations"]
+        assert a["finish_reasons"] == b["finish_reasons"]
+        assert a["logprobs"] == b["logprobs"]
+        assert a["statistics"]["output_tokens"] == b["statistics"]["output_tokens"]
+        assert a["statistics"]["input_tokens"] == [None]  # the batch answer sums usage over the pack
+        assert isinstance(b["statistics"]["input_tokens"][0], int)
+    assert len({output["generations"][0] for output in single}) >= 5
+    assert len({output["statistics"]["input_tokens"][0] for output in single}) >= 5
+
+
+def test_a_too_long_conversation_in_a_pack_fails_alone(vllm_server: LocalServer) -> None:
+    inputs = [varied(i) for i in range(8)]
+    inputs[3] = user(LONG)
+    outputs = generate(vllm_server, inputs, 8, temperature=0, max_new_tokens=8)
+    assert [("error" in output) for output in outputs] == [False] * 3 + [True] + [False] * 4
+    error = outputs[3]["error"]
+    assert error.type == "PromptTooLongError" and error.status_code == 400
+    assert "maximum context length is 1024" in error.message
+    alone = generate(vllm_server, [inputs[i] for i in (0, 1, 2, 4, 5, 6, 7)], 1, temperature=0, max_new_tokens=8)
+    assert [o["generations"] for o in alone] == [outputs[i]["generations"] for i in (0, 1, 2, 4, 5, 6, 7)]
