@@ -59,5 +59,6 @@ def test_a_too_long_conversation_in_a_pack_fails_alone(vllm_server: LocalServer)
     error = outputs[3]["error"]
     assert error.type == "PromptTooLongError" and error.status_code == 400
     assert "maximum context length is 1024" in error.message
+    assert len({outputs[i]["request_id"] for i in (4, 5, 6, 7)}) == 1  # the half without it answered as one pack
     alone = generate(vllm_server, [inputs[i] for i in (0, 1, 2, 4, 5, 6, 7)], 1, temperature=0, max_new_tokens=8)
     assert [o["generations"] for o in alone] == [outputs[i]["generations"] for i in (0, 1, 2, 4, 5, 6, 7)]
