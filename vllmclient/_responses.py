@@ -105,19 +105,15 @@ def batch_chat_outputs(
 ) -> list[GenerateOutput]:
     """vLLM's ``/chat/completions/batch`` answer: choice ``i`` is conversation ``i`` (``n`` is 1).
 
-    Its usage is summed over the pack and it carries no ``prompt_token_ids``, so a conversation's input
-    count is known only when it was alone; output counts come from each choice's ``token_ids``.
+    Its usage is summed over the pack and it carries no ``prompt_token_ids``: a conversation's input count
+    is unknown (``None``); its output count comes from its choice's ``token_ids``.
     """
     outputs = [empty_output(1, request_id) for _ in range(conversations)]
-    usage = data.get("usage") or {}
-    alone = conversations == 1
     choices = data["choices"]
     if sorted(choice["index"] for choice in choices) != list(range(conversations)):
         raise ValueError(f"{len(choices)} choices for {conversations} conversations")
     for choice in choices:
-        output = outputs[choice["index"]]
-        _chat_choice(output, 0, choice, request, usage.get("completion_tokens") if alone else None)
-        output["statistics"]["input_tokens"][0] = usage.get("prompt_tokens") if alone else None
+        _chat_choice(outputs[choice["index"]], 0, choice, request, None)
     return outputs
 
 
