@@ -57,7 +57,7 @@ def _run(api: str, call: str, n: int, tokenizer_dir: Path) -> dict[str, Any]:
 
 
 @pytest.mark.usefixtures("node")
-@pytest.mark.parametrize("api", ["completions", "chat"])
+@pytest.mark.parametrize("api", ["completions", "chat", "chat-single"])
 def test_streamed_inputs_each_end_once_under_faults(api: str, tokenizer_dir: Path) -> None:
     rec = _run(api, "aiter_generate", 3000, tokenizer_dir)
     assert rec["problems"] == []
@@ -65,14 +65,14 @@ def test_streamed_inputs_each_end_once_under_faults(api: str, tokenizer_dir: Pat
     # The run met what it is meant to: every kind of fault, poisoned inputs isolated, retries that ran out.
     assert set(rec["faults"]) == set(load_test.FAULT_RECORDS)
     assert rec["poisoned"] > 0 and rec["errors"].get("PromptTooLongError 400", 0) > 0
-    if api == "completions":
+    if api != "chat-single":
         assert rec["poison_400s"]["requests"] > rec["poison_400s"]["single"]  # packs were split to find them
     else:
         assert any(key.startswith(("ServerError", "ConnectionLostError")) for key in rec["errors"])
 
 
 @pytest.mark.usefixtures("node")
-@pytest.mark.parametrize("api", ["completions", "chat"])
+@pytest.mark.parametrize("api", ["completions", "chat", "chat-single"])
 def test_generate_returns_every_input_in_order_under_faults(api: str, tokenizer_dir: Path) -> None:
     rec = _run(api, "generate", 500, tokenizer_dir)
     assert rec["problems"] == []
