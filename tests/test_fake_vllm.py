@@ -420,3 +420,36 @@ def test_structured_outputs_constrain_the_text_in_the_form_the_version_reads(mak
     new.break_structured("odd", times=1)
     broken = texts(new, prompt="an odd one", structured_outputs={"choice": ["yes", "no"]})
     assert broken[0] not in ("yes", "no") and set(broken[1:]) <= {"yes", "no"}
+
+
+def test_batch_chat_answers_as_vllm_0_32(fake_vllm: FakeVLLM, make_fake_vllm) -> None:
+    """POST /v1/chat/completions/batch: one choice per conversation, summed usage, no prompt_token_ids; n must be
+    1; one bad conversation fails the whole request; tools are ignored without a word (as vLLM 0.32)."""
+    base = fake_vllm.base_url
+    convs = [[{"role": "user", "content": "[[a]] hi"}], [{"role": "user", "content": "[[b]] hello there"}]]
+    body = {"model": MODEL, "messages": convs, "max_tokens": 6, "temperature": 0, "return_token_ids": True}
+    status, data, _ = http(base, "/v1/chat/completions/batch", body)
+    assert status == 200 and data["prompt_token_ids"] is None
+    assert [c["index"] for c in data["choices"]] == [0, 1]
+    assert [c["message"]["content"].split()[0] for c in data["choices"]] == ["a", "b"]
+    singles = [http(base, "/v1/chat/completions", {**body, "messages": conv})[1] for conv in convs]
+    assert [c["message"]["content"] for c in data["choices"]] == [s["choices"][0]["message"]["content"] for s in singles]
+    assert data["usage"]["prompt_tokens"] == sum(s["usage"]["prompt_tokens"] for s in singles)
+    assert data["usage"]["completion_tokens"] == sum(len(c["token_ids"]) for c in data["choices"])
+
+    status, data, _ = http(base, "/v1/chat/completions/batch", {**body, "n": 2, "temperature": 1})
+    assert status == 400 and data["error"]["param"] == "n" and "n > 1" in data["error"]["message"]
+    status, data, _ = http(base, "/v1/chat/completions/batch", {**body, "tool_choice": "auto"})
+    assert status == 400 and data["error"]["param"] == "body.tool_choice"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    status, data, _ = http(base, "/v1/chat/completions/batch", {**body, "tools": tools})
+    assert status == 200 and all("tool_calls" not in c["message"] for c in data["choices"])
+    long = [{"role": "user", "content": "word " * 2000}]
+    status, data, _ = http(base, "/v1/chat/completions/batch", {**body, "messages": [convs[0], long]})
+    assert status == 400 and data["error"]["param"] in ("input_tokens", "input_text")
+    status, data, _ = http(base, "/v1/chat/completions/batch", {**body, "messages": [convs[0], []]})
+    assert status == 400 and data["error"]["param"] == "body.messages.1"
+
+    without = make_fake_vllm(batch_chat=False)
+    status, data, _ = http(without.base_url, "/v1/chat/completions/batch", body)
+    assert status == 404 and data == {"detail": "Not Found"}
