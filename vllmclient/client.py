@@ -120,6 +120,9 @@ class ClientvLLM(BaseModel):
     tokenizer_check: Literal["warn", "error", "off"] = "warn"
     max_concurrency: int = Field(default=256, ge=1)
     pack_size: int | None = Field(default=None, ge=1, le=1024)
+    """Most inputs per request; ``None`` adapts it to the server's speed. With ``tokenizer=None`` conversations
+    are packed through vLLM's ``/v1/chat/completions/batch``, whose answer has no per-conversation input token
+    count (``input_tokens`` is ``None``); ``pack_size=1`` sends one conversation per request, with the count."""
     generation_kwargs: dict[str, Any] = Field(default_factory=dict)
     structured_output: dict[str, Any] | None = None
 
