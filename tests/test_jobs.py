@@ -488,3 +488,19 @@ def test_a_server_down_from_the_start_fails_the_command_and_writes_nothing(tmp_p
     assert main(argv) == 1
     assert "connect" in capsys.readouterr().err.lower()
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+def test_a_chat_job_sends_its_conversations_alone_never_packed_through_the_batch_endpoint(chat_client, fake_vllm,
+                                                                                          tmp_path):
+    """A record is the server's answer to its line alone; a /v1/chat/completions/batch answer sums usage over its
+    conversations and has no prompt token ids, so it cannot be cut into that: a job never packs conversations."""
+    lines = [chat_line(f"t{i}", f"Shared chat {i} " + "word " * i, max_tokens=6, seed=5) for i in range(6)]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    summary = run_batch_file(chat_client, source, tmp_path / "out.jsonl", progress=False)
+    assert (summary.inputs, summary.done, summary.failed) == (6, 6, {})
+    assert not fake_vllm.requests_to("/v1/chat/completions/batch")
+    got = by_id(tmp_path / "out.jsonl")
+    for line in lines:
+        body, expected = got[line["custom_id"]]["response"]["body"], alone(fake_vllm, line)
+        assert body["usage"]["prompt_tokens"] == expected["usage"]["prompt_tokens"]
+        assert texts(got[line["custom_id"]]) == texts({"response": {"body": expected}})
