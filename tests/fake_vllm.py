@@ -647,6 +647,7 @@ class FakeVLLM:
         self.batch_chat = batch_chat  # False: no POST /v1/chat/completions/batch (404, as vLLM before it)
         self.requests: list[Recorded] = []
         self.completion_requests = 0
+        self.answered_prompts: list[str] = []  # the prompt (chat: last message) of each answered request, in order
         self.streams_aborted = 0  # streamed answers whose client went away before the end
         self.max_in_flight_requests = 0
         self.max_in_flight_sequences = 0
@@ -777,6 +778,7 @@ class FakeVLLM:
         with self._lock:
             self.requests.clear()
             self.completion_requests = 0
+            self.answered_prompts.clear()
             self.streams_aborted = 0
             self.max_in_flight_requests = self.in_flight_requests
             self.max_in_flight_sequences = self.in_flight_sequences
@@ -1111,12 +1113,13 @@ class FakeVLLM:
                 self._engine_done(sequences, answered=False)
                 raise
 
-    def _engine_done(self, sequences: int, answered: bool) -> None:
+    def _engine_done(self, sequences: int, answered: bool, texts: list[str] | None = None) -> None:
         with self._lock:
             self.in_flight_requests -= 1
             self.in_flight_sequences -= sequences
             if answered:
                 self.completion_requests += 1
+                self.answered_prompts.extend(texts or ())
 
     # ----------------------------------------------------------------- simple routes
 
@@ -1291,7 +1294,7 @@ class FakeVLLM:
             answered = True
             return response
         finally:
-            self._engine_done(sequences, answered)
+            self._engine_done(sequences, answered, [t for t, _, _ in prompts])
 
     def _completion_response(self, body: dict[str, Any], model: str, request_id: str,
                              prompts: list[tuple[str, tuple[int, ...], bool]], n: int,
@@ -1490,7 +1493,7 @@ class FakeVLLM:
             answered = True
             return response
         finally:
-            self._engine_done(n, answered)
+            self._engine_done(n, answered, texts)
 
     async def _chat_batch(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chat/completions/batch`` as vLLM 0.32 serves it: ``messages`` is a list of conversations,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import math
 import uuid
@@ -16,9 +15,9 @@ from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any
 
 import httpx2
-import openai
 
-from ._http import Capacity, Ticket, ticket
+from ._http import Capacity, ticket
+from ._replicas import Replica, Replicas, Total
 from ._request import Request
 from ._responses import batch_chat_outputs, chat_output, completion_alone, completion_outputs, read
 from .errors import (
@@ -28,8 +27,6 @@ from .errors import (
     PromptTooLongError,
     ServerUnreachableError,
     VLLMClientError,
-    from_openai,
-    unreadable_answer,
 )
 from .results import GenerateOutput, GenerationError, failed_output, replace_generations
 from .structured import invalid_slots
@@ -83,23 +80,19 @@ class PackSizer:
 class Engine:
     """Sends prepared prompts for one client; lives on the client's private loop."""
 
-    def __init__(
-        self,
-        aclient: openai.AsyncOpenAI,
-        *,
-        base_url: str,
-        served_models: list[str],
-        max_concurrency: int,
-        pack_size: int | None,
-        connections: int = 1000,
-    ) -> None:
-        self.aclient = aclient
-        self.base_url = base_url
-        self.served_models = served_models
-        self.capacity = Capacity(max_concurrency)
-        self.connections = Capacity(connections)  # requests in flight: at most one per pooled connection
+    def __init__(self, replicas: Replicas, *, pack_size: int | None) -> None:
+        self.replicas = replicas
         self.sizer = PackSizer(pack_size)
         self.batch_chat = True  # False once the server answered that it has no POST /chat/completions/batch
+
+    @property
+    def capacity(self) -> Capacity | Total:
+        """``max_concurrency``: the one server's capacity, or the replicas' shares together."""
+        return self.replicas.capacity
+
+    @property
+    def connections(self) -> Capacity | Total:
+        return self.replicas.connections
 
     async def post(self, path: str, body: dict[str, Any], sequences: int) -> tuple[Any, str, float | None]:
         """One request through the SDK (its retries and timeouts), JSON decoded without model parsing.
@@ -108,51 +101,36 @@ class Engine:
         is taken first, before any slot, and kept until the answer is read: the pool never makes it wait.
         The request carries an ``X-Request-Id`` of ours (vLLM names the request after it in its log, and in
         the answer's ``id``); it is returned with the data and set on any error, so every result can be traced.
-        Also returned: the seconds from the send (of the last attempt) to the answer.
+        Also returned: the seconds from the send (of the last attempt) to the answer. With several replicas,
+        a request a replica failed goes to another one it has not tried (``Replicas.failed``).
         """
         request_id = f"vllmclient-{uuid.uuid4().hex}"
-        await self.connections.acquire(1)
-        claim = Ticket(self.capacity, sequences)
-        token = ticket.set(claim)
-        try:
-            data = await self._call(
-                self.aclient.post(
-                    path, cast_to=httpx2.Response, body=body, options={"headers": {"X-Request-Id": request_id}}
+        tried: list[Replica] = []
+        failure: APIError | None = None
+        while True:
+            replica, claim = await self.replicas.take(sequences, tried, failure)
+            token = ticket.set(claim)
+            try:
+                data = await replica.call(
+                    replica.aclient.post(
+                        path, cast_to=httpx2.Response, body=body, options={"headers": {"X-Request-Id": request_id}}
+                    )
                 )
-            )
-        except APIError as exc:
-            exc.request_id = exc.request_id or request_id
-            raise
-        finally:
-            ticket.reset(token)
-            claim.leave()
-            self.connections.release(1)
+            except APIError as exc:
+                exc.request_id = exc.request_id or request_id
+                if not self.replicas.failed(replica, exc, tried):
+                    raise
+                tried.append(replica)
+                failure = exc
+                continue
+            finally:
+                ticket.reset(token)
+                claim.leave()
+                replica.connections.release(1)
+            break
         if claim.seconds is not None:
             self.sizer.observe(claim.seconds)
         return data, request_id, claim.seconds
-
-    async def get(self, path: str) -> Any:
-        return await self._call(self.aclient.get(path, cast_to=httpx2.Response))
-
-    async def _call(self, sending: Any) -> Any:
-        try:
-            response = await sending
-        except (openai.OpenAIError, OSError) as exc:  # OSError: e.g. out of file descriptors, under the SDK
-            raise self.translate(exc) from exc
-        try:
-            return json.loads(response.content)
-        except ValueError as exc:
-            raise APIError(
-                unreadable_answer(self.base_url, response.status_code, response.content),
-                status_code=response.status_code,
-                request_id=response.headers.get("x-request-id"),
-            ) from exc
-
-    def translate(self, exc: BaseException) -> VLLMClientError:
-        """Ours for an SDK exception (or an ``OSError`` from under the SDK)."""
-        timeout = self.aclient.timeout
-        seconds = timeout.read if isinstance(timeout, httpx2.Timeout) else timeout
-        return from_openai(exc, base_url=self.base_url, served_models=self.served_models, timeout=seconds)
 
     async def one(self, payload: Any, request: Request) -> GenerateOutput:
         """A single input; errors are raised (agenerate's contract)."""
@@ -221,7 +199,8 @@ class Engine:
                     results = [(index, _failed(index, request, _not_sent(unreachable[0]))) for index, _ in pack]
                 else:
                     results = await self._send_pack(pack, request)
-                    _note_reachability(results, unreachable)
+                    if self.replicas.single:  # several: the replicas wait for one to answer again (_replicas)
+                        _note_reachability(results, unreachable)
                     if request.structured is not None:
                         sent = [(index, payload, output) for (index, payload), (_, output) in zip(pack, results, strict=True)]
                         await self._checked(sent, request)

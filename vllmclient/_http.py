@@ -197,12 +197,13 @@ class _HTTPClient(openai.DefaultAioHttpClient):
         return _SendOnce(super()._init_proxy_transport(*args, **kwargs))
 
 
-def http_client(kwargs: dict[str, Any] | None) -> _HTTPClient:
+def http_client(kwargs: dict[str, Any] | None, *, replicas: int = 1) -> _HTTPClient:
     """The SDK's aiohttp-backed HTTP client, with the hooks that count capacity, sized to the open-file limit.
 
     The hooks run before the user's own: a request hook (e.g. one that signs) then runs just before the
     send, and a slow response hook does not keep the server's slots. ``limits`` in ``kwargs`` wins over
-    the default pool size, but the engine still keeps its requests within the open-file budget.
+    the default pool size, but the engine still keeps its requests within the open-file budget. With
+    several ``replicas`` (one such client each) each gets an equal part of the budget.
     """
     kwargs = dict(kwargs or {})
     user = kwargs.pop("event_hooks", None) or {}
@@ -210,7 +211,7 @@ def http_client(kwargs: dict[str, Any] | None) -> _HTTPClient:
         "request": [_on_request, *user.get("request", ())],
         "response": [_on_response, *user.get("response", ())],
     }
-    budget = _connection_budget()
+    budget = max(1, _connection_budget() // replicas)
     if "limits" not in kwargs:
         default = openai.DEFAULT_CONNECTION_LIMITS
         kwargs["limits"] = httpx2.Limits(

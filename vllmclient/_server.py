@@ -12,6 +12,7 @@ from .errors import APIError, ConfigurationError, ModelNotFoundError
 
 if TYPE_CHECKING:
     from ._engine import Engine
+    from ._replicas import Replica
     from .formatter import ChatFormatter
 
 logger = logging.getLogger("vllmclient")
@@ -138,12 +139,12 @@ def choose_model(cards: list[ModelCard], wanted: str | None, base_url: str) -> s
     return card.id
 
 
-async def discover(engine: Engine, api_base: str, wanted: str | None) -> tuple[ServerInfo, str]:
+async def discover(replica: Replica, api_base: str, wanted: str | None) -> tuple[ServerInfo, str]:
     """What ``load()`` reads from the server: its models (choosing one) and its version."""
-    cards = parse_models(await engine.get("/models"))
+    cards = parse_models(await replica.get("/models"))
     name = choose_model(cards, wanted, api_base)
     try:
-        version = parse_version(await engine.get(api_base.removesuffix("/v1") + "/version"))
+        version = parse_version(await replica.get(api_base.removesuffix("/v1") + "/version"))
     except APIError:  # not vLLM, or a proxy that serves only /v1
         version = None
     server = ServerInfo(api_base, cards, version)

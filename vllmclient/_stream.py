@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import openai
 
-from ._http import Ticket, ticket
+from ._http import ticket
 from ._request import Request
 from ._responses import chat_logprobs, completion_logprobs
 from .errors import APIError, ConnectionLostError, InvalidInputError
@@ -107,13 +107,12 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
     request_id = f"vllmclient-{uuid.uuid4().hex}"
-    await engine.connections.acquire(1)
-    claim = Ticket(engine.capacity, request.n, until_closed=True)
+    replica, claim = await engine.replicas.take(request.n, until_closed=True)
     chunks: openai.AsyncStream[Any] | None = None
     try:
         token = ticket.set(claim)
         try:
-            chunks = await engine.aclient.post(
+            chunks = await replica.aclient.post(
                 path, cast_to=object, body=body, stream=True, stream_cls=openai.AsyncStream[object],
                 options={"headers": {"X-Request-Id": request_id}},
             )
@@ -163,18 +162,19 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
             validation_error=validation_error,
         )
     except (openai.OpenAIError, OSError) as exc:
-        error = engine.translate(exc)
+        error = replica.translate(exc)
         if chunks is not None and isinstance(error, ConnectionLostError):  # the SDK re-sends no stream once open
             root: BaseException = exc
             while root.__cause__ is not None:
                 root = root.__cause__
             error = ConnectionLostError(
-                f"The connection to the vLLM server at {engine.base_url} dropped in the middle of the streamed "
+                f"The connection to the vLLM server at {replica.base_url} dropped in the middle of the streamed "
                 f"answer ({root.__class__.__name__}: {root}); the text received so far is incomplete. The server "
                 "crashed or restarted? Check its log."
             )
         if isinstance(error, APIError):
             error.request_id = error.request_id or request_id
+            engine.replicas.failed(replica, error, ())  # several replicas: it cools down; a stream is not re-sent
         raise error from exc
     finally:
         try:
@@ -182,7 +182,7 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
                 await chunks.close()  # left early: the connection is closed mid-answer, and vLLM aborts the request
         finally:
             claim.leave()
-            engine.connections.release(1)
+            replica.connections.release(1)
 
 
 def _read_completion(choice: dict[str, Any], request: Request) -> tuple[TextDelta | None, int, str | None]:

@@ -33,8 +33,9 @@ from ._bulk import check_bulk_arguments, collect, log_failures, run
 from ._config import check_base_url, check_headers, check_httpx_kwargs, conceal, mask_urls, reveal, setting_errors
 from ._engine import Engine, as_input_error
 from ._http import http_client
+from ._replicas import Replica, Replicas, discover_all, shares
 from ._request import Request, build_request
-from ._server import ServerInfo, check_tokenizer, discover
+from ._server import ServerInfo, check_tokenizer
 from ._stream import StreamEvent, check_streamable, stream_events
 from ._sync import LoopThread
 from .checkpoint import Checkpoint
@@ -57,7 +58,7 @@ _FORMATTER_FIELDS = frozenset(
     {"tokenizer", "tokenizer_revision", "trust_remote_code", "use_magpie_template", "magpie_pre_query_template"}
 )
 _RUNTIME_PARAMETERS = {
-    "base_url": "The base URL of the vLLM server, with or without the trailing /v1.",
+    "base_url": "The base URL of the vLLM server, with or without the trailing /v1; or a list of servers of one model.",
     "api_key": "The API key the server was started with (--api-key); defaults to $VLLM_API_KEY.",
     "max_retries": "How many times the SDK retries a failed request (connection errors, 408/409/429/5xx).",
     "timeout": "Seconds the server may take to answer a request; one that takes longer fails and is not re-sent.",
@@ -98,7 +99,9 @@ class ClientvLLM(BaseModel):
     )
 
     model: str | None = None
-    base_url: str = "http://localhost:8000"
+    base_url: str | list[str] = "http://localhost:8000"
+    """The vLLM server's address, with or without the trailing ``/v1``; or a list of servers (replicas)
+    serving the same model, each taking its share of ``max_concurrency`` (see "Several servers" in README)."""
     api_key: SecretStr = Field(default_factory=_default_api_key)
     max_retries: int = Field(default=6, ge=0)
     """Retries by the SDK, with exponential back-off, of a request that could not connect, whose connection
@@ -126,7 +129,7 @@ class ClientvLLM(BaseModel):
     generation_kwargs: dict[str, Any] = Field(default_factory=dict)
     structured_output: dict[str, Any] | None = None
 
-    _aclient: openai.AsyncOpenAI | None = PrivateAttr(default=None)
+    _aclient: openai.AsyncOpenAI | None = PrivateAttr(default=None)  # the first server's
     _tokenizer: Any = PrivateAttr(default=None)
     _formatter: ChatFormatter | None = PrivateAttr(default=None)
     _engine: Engine | None = PrivateAttr(default=None)
@@ -162,8 +165,17 @@ class ClientvLLM(BaseModel):
 
     @field_validator("base_url")
     @classmethod
-    def _check_base_url(cls, value: str) -> str:
-        return check_base_url(value)
+    def _check_base_url(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str):
+            return check_base_url(value)
+        urls = [check_base_url(url) for url in value]
+        if not urls:
+            raise ValueError("base_url is an empty list: pass the server's address, or a list of replicas' addresses.")
+        seen = [_api_base(url) for url in urls]
+        twice = sorted({url for url in seen if seen.count(url) > 1})
+        if twice:
+            raise ValueError(f"base_url lists {', '.join(twice)} more than once: list each server once.")
+        return urls
 
     @field_validator("default_headers", "httpx_client_kwargs", mode="before")
     @classmethod
@@ -349,9 +361,31 @@ class ClientvLLM(BaseModel):
                 magpie_pre_query_template=self.magpie_pre_query_template if self.use_magpie_template else None,
             )
             self._tokenizer = self._formatter.tokenizer
-        api_base = _api_base(self.base_url)
+        urls = [self.base_url] if isinstance(self.base_url, str) else self.base_url
+        replicas: list[Replica] = []
         try:
-            transport = http_client(self.httpx_client_kwargs)
+            for url, share in zip(urls, shares(self.max_concurrency, len(urls)), strict=True):
+                replicas.append(self._replica(_api_base(url), share, len(urls)))
+            router = Replicas(replicas, timeout=self.timeout)
+            engine = Engine(router, pack_size=self.pack_size)
+            server, name = await discover_all(router, self.model)
+            if self._formatter is not None and self.tokenizer_check != "off":
+                await check_tokenizer(engine, server, name, self._formatter, str(self.tokenizer), self.tokenizer_check)
+        except BaseException:
+            for replica in replicas:
+                await replica.aclient.close()
+            raise
+        for replica in replicas:
+            self._loop.add_closer(replica.aclient.close)
+        self._aclient, self._engine, self._server = replicas[0].aclient, engine, server
+        self._model_name = name
+        logger.info("vllmclient: using model %r at %s (max_model_len=%s)", name,
+                    ", ".join(replica.base_url for replica in replicas), server.max_model_len(name))
+
+    def _replica(self, api_base: str, share: int, replicas: int) -> Replica:
+        """One server's SDK client, with its share of the connection budget and of ``max_concurrency``."""
+        try:
+            transport = http_client(self.httpx_client_kwargs, replicas=replicas)
         except (TypeError, ValueError, OSError) as exc:  # e.g. verify= a CA file that does not exist
             raise ConfigurationError(
                 f"httpx_client_kwargs={mask_urls(repr(conceal(self.httpx_client_kwargs)))} cannot build the "
@@ -365,26 +399,7 @@ class ClientvLLM(BaseModel):
             default_headers=self.default_headers,
             http_client=transport,
         )
-        engine = Engine(
-            aclient,
-            base_url=api_base,
-            served_models=[],
-            max_concurrency=self.max_concurrency,
-            pack_size=self.pack_size,
-            connections=transport.connections,
-        )
-        try:
-            server, name = await discover(engine, api_base, self.model)
-            engine.served_models = server.names
-            if self._formatter is not None and self.tokenizer_check != "off":
-                await check_tokenizer(engine, server, name, self._formatter, str(self.tokenizer), self.tokenizer_check)
-        except BaseException:
-            await aclient.close()
-            raise
-        self._loop.add_closer(aclient.close)
-        self._aclient, self._engine, self._server = aclient, engine, server
-        self._model_name = name
-        logger.info("vllmclient: using model %r at %s (max_model_len=%s)", name, api_base, server.max_model_len(name))
+        return Replica(aclient, base_url=api_base, connections=transport.connections, share=share)
 
     def close(self) -> None:
         """Release connections and the private loop's thread; ``load()`` (or any call) reconnects."""

@@ -1,0 +1,189 @@
+"""Several servers of one model (``base_url=[...]``): shares of the work, a replica killed mid-job and
+restarted, every replica down, a replica serving another model or down at load. Real HTTP to fake servers."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from vllmclient import ClientvLLM
+from vllmclient.errors import ConfigurationError, ModelNotFoundError, ServerUnreachableError
+
+from deadline import run_with_timeout
+from fake_vllm import FakeVLLM
+
+_TAG = re.compile(r"\[\[(T\d+)\]\]")
+
+
+def _inputs(count: int, start: int = 0) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": f"Say [[T{i}]] please"}] for i in range(start, start + count)]
+
+
+def _tags(server: FakeVLLM) -> list[str]:
+    return [tag for prompt in list(server.answered_prompts) for tag in _TAG.findall(prompt)]
+
+
+def _client(tokenizer_dir: Any, *servers: FakeVLLM | str, **kwargs: Any) -> ClientvLLM:
+    settings: dict[str, Any] = {"tokenizer": str(tokenizer_dir), "max_retries": 1, "max_concurrency": 8,
+                                "pack_size": 2, "max_new_tokens": 4}
+    settings.update(kwargs)
+    new_tokens = settings.pop("max_new_tokens")
+    urls = [server if isinstance(server, str) else server.base_url for server in servers]
+    return ClientvLLM(base_url=urls, generation_kwargs={"max_new_tokens": new_tokens}, **settings)
+
+
+def _check_each_once(outputs: list[Any], start: int = 0) -> None:
+    """Every input has exactly one result, which answers that input (its text begins with the input's tag)."""
+    for offset, output in enumerate(outputs):
+        assert "error" not in output, output.get("error")
+        assert output["generations"][0].startswith(f"T{start + offset}"), (offset, output["generations"])
+
+
+def _dead_url() -> str:
+    """An address where nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.01)
+
+
+def test_both_replicas_get_work_within_their_share(make_fake_vllm: Any, tokenizer_dir: Any) -> None:
+    a, b = make_fake_vllm(latency=0.02), make_fake_vllm(latency=0.02)
+    with _client(tokenizer_dir, a, b) as llm:
+        outputs = llm.generate(_inputs(120))
+    _check_each_once(outputs)
+    assert sorted(_tags(a) + _tags(b)) == sorted(f"T{i}" for i in range(120))  # none sent twice
+    assert len(_tags(a)) >= 30 and len(_tags(b)) >= 30
+    assert a.max_in_flight_sequences <= 4 and b.max_in_flight_sequences <= 4  # max_concurrency=8, split
+
+
+def test_a_killed_replica_loses_nothing_and_rejoins_when_restarted(make_fake_vllm: Any, tokenizer_dir: Any) -> None:
+    a, b = make_fake_vllm(latency=0.05), make_fake_vllm(latency=0.05)
+    with _client(tokenizer_dir, a, b) as llm:
+        killed = threading.Event()
+
+        def kill_when_busy() -> None:
+            _wait_for(lambda: a.completion_requests >= 5 and a.in_flight_requests > 0)
+            a.kill()  # refuses new connections, resets those open: requests on it are lost mid-answer
+            killed.set()
+
+        killer = threading.Thread(target=kill_when_busy)
+        killer.start()
+        outputs = run_with_timeout(lambda: llm.generate(_inputs(200)), timeout=60)
+        killer.join()
+        assert killed.is_set()
+        _check_each_once(outputs)
+        served_a, served_b = _tags(a), _tags(b)
+        assert len(served_a) == len(set(served_a)) and len(served_b) == len(set(served_b))
+        assert set(served_a) | set(served_b) == {f"T{i}" for i in range(200)}  # nothing lost
+        assert len(served_b) > 100  # the survivor took the rest
+
+        a.clear()
+        a.start()  # the same port again
+        rejoined = False
+        for round_ in range(1, 20):
+            outputs = llm.generate(_inputs(40, start=1000 * round_))
+            _check_each_once(outputs, start=1000 * round_)
+            if _tags(a):
+                rejoined = True
+                break
+        assert rejoined, "the restarted replica got no work"
+
+
+def test_a_failing_replica_is_cooled_down_and_its_request_goes_to_the_other(
+    make_fake_vllm: Any, tokenizer_dir: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = make_fake_vllm(), make_fake_vllm()
+    with _client(tokenizer_dir, a, b, max_concurrency=2, pack_size=1) as llm:
+        a.fail_next(503, times=2, headers={"Retry-After": "0"})  # the first try and the SDK's one retry
+        b.fail_next(503, times=2, headers={"Retry-After": "0"})
+        with caplog.at_level(logging.WARNING, logger="vllmclient"):
+            outputs = llm.generate(_inputs(2))
+    _check_each_once(outputs)  # each first request failed on one replica and was answered by the other
+    assert sum(1 for r in a.requests_to("/v1/completions") + b.requests_to("/v1/completions") if r.fault) == 4
+    assert "failed (ServerError" in caplog.text and "answers again" in caplog.text
+
+
+def test_every_replica_down_fails_the_call_within_the_timeout(
+    make_fake_vllm: Any, tokenizer_dir: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = make_fake_vllm(), make_fake_vllm()
+    llm = _client(tokenizer_dir, a, b, max_retries=0, timeout=1.0)
+    llm.load()
+    a.kill()
+    b.kill()
+    with caplog.at_level(logging.WARNING, logger="vllmclient"):
+        outputs = run_with_timeout(lambda: llm.generate(_inputs(30)), timeout=15)
+    llm.close()
+    assert len(outputs) == 30
+    errors = [output["error"] for output in outputs]
+    assert all(isinstance(error.exception, ServerUnreachableError) for error in errors), errors
+    waited = [error for error in errors if error.message.startswith("Not sent: no replica answered")]
+    assert waited and all(a.base_url in error.message and b.base_url in error.message for error in waited)
+    assert "every replica is down" in caplog.text
+
+
+def test_a_replica_back_while_every_one_was_down_takes_the_waiting_requests(
+    make_fake_vllm: Any, tokenizer_dir: Any
+) -> None:
+    a, b = make_fake_vllm(), make_fake_vllm()
+    llm = _client(tokenizer_dir, a, b, max_retries=0, timeout=30.0, max_concurrency=2, pack_size=1)
+    llm.load()
+    a.kill()
+    b.kill()
+    threading.Timer(1.0, a.start).start()
+    outputs = run_with_timeout(lambda: llm.generate(_inputs(20)), timeout=30)
+    llm.close()
+    kinds = collections.Counter("ok" if "error" not in output else output["error"].type for output in outputs)
+    # Only requests that reached both dead replicas fail (at most max_concurrency of them); the rest waited.
+    assert kinds["ok"] >= 18 and set(kinds) <= {"ok", "ServerUnreachableError"}, kinds
+
+
+def test_a_replica_serving_another_model_is_refused_at_load(make_fake_vllm: Any, tokenizer_dir: Any) -> None:
+    a = make_fake_vllm()
+    other = make_fake_vllm(models=[{"id": "other-model", "max_model_len": 1024}])
+    with pytest.raises(ConfigurationError, match="serve different models") as info:
+        _client(tokenizer_dir, a, other).load()
+    assert other.base_url in str(info.value) and "'other-model'" in str(info.value)
+    with pytest.raises(ModelNotFoundError, match="is not served at") as found:
+        _client(tokenizer_dir, a, other, model="tiny-llama").load()
+    assert other.base_url in str(found.value)
+
+
+def test_a_replica_down_at_load_is_a_warning_and_the_other_works(
+    make_fake_vllm: Any, tokenizer_dir: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = make_fake_vllm()
+    down = _dead_url()
+    with caplog.at_level(logging.WARNING, logger="vllmclient"), _client(tokenizer_dir, a, down) as llm:
+        outputs = llm.generate(_inputs(10))
+    _check_each_once(outputs)
+    assert f"replica {down}/v1 failed (ServerUnreachableError" in caplog.text
+    with pytest.raises(ServerUnreachableError, match="None of the 2 servers") as info:
+        _client(tokenizer_dir, down, _dead_url()).load()
+    assert down in str(info.value)
+
+
+def test_a_replica_list_is_checked_and_saved_as_given() -> None:
+    urls = ["http://127.0.0.1:8001", "http://127.0.0.1:8002/v1"]
+    llm = ClientvLLM(base_url=urls)
+    assert llm.base_url == urls and ClientvLLM.model_validate(llm.model_dump()).base_url == urls
+    assert ClientvLLM(base_url=" http://a:1 ").base_url == "http://a:1"  # one server: a str, as before
+    for bad, expected in [([], "empty list"), (["http://a:1", "http://a:1/v1"], "more than once"),
+                          (["http://a:1", "a:2"], "has no scheme")]:
+        with pytest.raises(ConfigurationError, match=expected):
+            ClientvLLM(base_url=bad)
