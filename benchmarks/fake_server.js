@@ -36,6 +36,11 @@
 // With --latency MS every completion is answered MS milliseconds after its request arrived: the server's own
 //   work (parsing, building and serializing the answer) is done inside that time, as on a real server, so
 //   packs arriving together do not queue behind each other's processing on top of the latency.
+// With --max-num-seqs N (as vLLM's) at most N sequences (prompts x n) are worked on at once: a request that
+//   does not fit waits, first come first served, and its MS start when it is taken up; so the server's
+//   throughput is at most N / latency sequences per second. A request with header
+//   `endpoint-load-metrics-format` gets `endpoint-load-metrics: TEXT named_metrics.num_requests_waiting=W,
+//   named_metrics.kv_cache_usage_perc=U` (W: sequences waiting, U: the share of N running), as vLLM answers.
 'use strict';
 const http = require('http');
 const { performance } = require('perf_hooks');
@@ -57,6 +62,9 @@ const FAULT_KINDS = opt('--fault-kinds', '500,503,429,502,reset,cut,truncated').
 const RETRY_AFTER = opt('--retry-after', '0.05');
 const POISON = opt('--poison', '');
 const BATCH_CHAT = !args.includes('--no-batch-chat');
+const MAX_NUM_SEQS = parseInt(opt('--max-num-seqs', '0'), 10);  // 0: no limit
+let running = 0;  // sequences worked on (with --max-num-seqs)
+const waiting = [];  // [sequences, start] of requests waiting for room, first come first served
 
 const stats = { requests: 0, prompts: 0, inflight: 0, inflight_prompts: 0, max_inflight: 0, max_inflight_prompts: 0, errors: 0,
   received: 0, faults: {}, fault_prompts: {}, poisoned: { requests: 0, single: 0 } };
@@ -279,15 +287,39 @@ function generation(req, res, build, chat) {
     if (stats.inflight > stats.max_inflight) stats.max_inflight = stats.inflight;
     if (stats.inflight_prompts > stats.max_inflight_prompts) stats.max_inflight_prompts = stats.inflight_prompts;
     const body200 = JSON.stringify(payload);
+    const seqs = np * (body.n || 1);
+    const headers = { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body200) };
+    const metrics = req.headers['endpoint-load-metrics-format'] !== undefined;
     const done = () => {
       stats.inflight--;
       stats.inflight_prompts -= np;
-      res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body200) });
+      if (MAX_NUM_SEQS > 0) {
+        running -= seqs;
+        while (waiting.length && (running === 0 || running + waiting[0][0] <= MAX_NUM_SEQS)) {
+          const [next, start] = waiting.shift();
+          running += next;
+          start();
+        }
+      }
+      if (metrics) headers['endpoint-load-metrics'] = loadMetrics();
+      res.writeHead(200, headers);
       res.end(body200);
     };
-    if (LATENCY > 0) setTimeout(done, Math.max(0, LATENCY - (performance.now() - arrived)));
+    if (MAX_NUM_SEQS > 0) {
+      const start = () => setTimeout(done, LATENCY);
+      if (waiting.length === 0 && (running === 0 || running + seqs <= MAX_NUM_SEQS)) {
+        running += seqs;
+        start();
+      } else waiting.push([seqs, start]);
+    } else if (LATENCY > 0) setTimeout(done, Math.max(0, LATENCY - (performance.now() - arrived)));
     else done();  // answered inside its own callback: max in flight is 1 without latency
   });
+}
+
+function loadMetrics() {
+  const queued = waiting.reduce((sum, [seqs]) => sum + seqs, 0);
+  const usage = MAX_NUM_SEQS > 0 ? running / MAX_NUM_SEQS : 0;
+  return `TEXT named_metrics.num_requests_waiting=${queued.toFixed(1)}, named_metrics.kv_cache_usage_perc=${usage.toFixed(3)}`;
 }
 
 const server = http.createServer((req, res) => {

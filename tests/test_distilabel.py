@@ -292,3 +292,16 @@ def test_pipeline_load_rows_text_generation_magpie(fake_vllm: FakeVLLM, tokenize
     prompts = [b["prompt"] for r in fake_vllm.requests_to("/v1/completions") for b in [r.body]]
     flat = [p for prompt in prompts for p in (prompt if isinstance(prompt, list) else [prompt])]
     assert any(p.endswith("<|start_header_id|>user<|end_header_id|>\n\n") for p in flat)  # Magpie's pre-query
+
+
+def test_a_list_of_replicas_round_trips_and_shares_the_work(make_fake_vllm: Any, tokenizer_dir: Path) -> None:
+    a, b = make_fake_vllm(latency=0.01), make_fake_vllm(latency=0.01)
+    data = ClientvLLM(base_url=[a.base_url, b.base_url], tokenizer=tokenizer_dir, max_retries=0, pack_size=1,
+                      max_concurrency=4).dump()
+    assert data["base_url"] == [a.base_url, b.base_url]
+    llm = LLM.from_dict(dict(data))
+    llm.load()
+    outputs = llm.generate_outputs([[{"role": "user", "content": q}] for q in QUESTIONS * 4], max_new_tokens=4)
+    assert len(outputs) == 28 and all(output["generations"][0] for output in outputs)
+    assert a.requests_to("/v1/completions") and b.requests_to("/v1/completions")
+    llm.unload()

@@ -94,6 +94,11 @@ class Engine:
     def connections(self) -> Capacity | Total:
         return self.replicas.connections
 
+    @property
+    def base_url(self) -> str:
+        """The server's address (several: all of them), for messages."""
+        return ", ".join(replica.base_url for replica in self.replicas.replicas)
+
     async def post(self, path: str, body: dict[str, Any], sequences: int) -> tuple[Any, str, float | None]:
         """One request through the SDK (its retries and timeouts), JSON decoded without model parsing.
 

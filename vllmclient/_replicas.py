@@ -305,6 +305,11 @@ class Replicas:
                 self._waiters.remove(entry)
                 future.set_result(picked)
 
+    def stop(self) -> None:
+        """Stop probing (the client is closing, or its load failed)."""
+        for probe in self._probes:
+            probe.cancel()
+
     def _reasons(self) -> str:
         return "; ".join(f"{replica.base_url}: {replica.why}" for replica in self.replicas if replica.down_since)
 

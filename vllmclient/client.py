@@ -163,11 +163,16 @@ class ClientvLLM(BaseModel):
             with setting_errors(cls.model_fields):
                 return super().model_validate_strings(*args, **kwargs)
 
-    @field_validator("base_url")
+    @field_validator("base_url", mode="before")
     @classmethod
-    def _check_base_url(cls, value: str | list[str]) -> str | list[str]:
+    def _check_base_url(cls, value: Any) -> Any:
         if isinstance(value, str):
             return check_base_url(value)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(url, str) for url in value):
+            raise ValueError(
+                f"base_url={mask_urls(repr(value))[:120]} is not a server's address: pass one, e.g. "
+                "base_url='http://localhost:8000/v1', or a list of servers serving the same model."
+            )
         urls = [check_base_url(url) for url in value]
         if not urls:
             raise ValueError("base_url is an empty list: pass the server's address, or a list of replicas' addresses.")
@@ -363,6 +368,7 @@ class ClientvLLM(BaseModel):
             self._tokenizer = self._formatter.tokenizer
         urls = [self.base_url] if isinstance(self.base_url, str) else self.base_url
         replicas: list[Replica] = []
+        router: Replicas | None = None
         try:
             for url, share in zip(urls, shares(self.max_concurrency, len(urls)), strict=True):
                 replicas.append(self._replica(_api_base(url), share, len(urls)))
@@ -372,6 +378,8 @@ class ClientvLLM(BaseModel):
             if self._formatter is not None and self.tokenizer_check != "off":
                 await check_tokenizer(engine, server, name, self._formatter, str(self.tokenizer), self.tokenizer_check)
         except BaseException:
+            if router is not None:
+                router.stop()
             for replica in replicas:
                 await replica.aclient.close()
             raise

@@ -64,8 +64,9 @@ class ClientvLLM(AsyncLLM, MagpieChatTemplateMixin):  # type: ignore[misc]  # di
     model_config = ConfigDict(hide_input_in_errors=True)  # the input holds api_key
 
     model: str | None = None
-    base_url: RuntimeParameter[str] = Field(
-        default="http://localhost:8000", description="The base URL of the vLLM server, with or without /v1."
+    base_url: RuntimeParameter[str | list[str]] = Field(
+        default="http://localhost:8000",
+        description="The base URL of the vLLM server, with or without /v1; or a list of servers of one model.",
     )
     api_key: RuntimeParameter[SecretStr] | None = Field(
         default_factory=_core._default_api_key,
