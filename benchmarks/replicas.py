@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import socket
 import statistics
 import subprocess
@@ -68,19 +69,24 @@ def inputs(n: int) -> list[list[dict[str, str]]]:
     return [[{"role": "user", "content": f"[[q{i}]] write one sentence about item {i}"}] for i in range(n)]
 
 
-def run(urls: list[str], tokenizer: str, seqs: int, n: int) -> tuple[float, list[int]]:
-    """prompts/s of one generate over ``urls``, and the prompts each server answered."""
+def cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(urls: list[str], tokenizer: str, seqs: int, n: int) -> tuple[float, list[int], float]:
+    """prompts/s of one generate over ``urls``, the prompts each server answered, the client's CPU s."""
     with ClientvLLM(base_url=urls, tokenizer=tokenizer, tokenizer_check="off", max_concurrency=seqs * len(urls),
                     max_retries=0) as llm:
         before = [stats(url)["prompts"] for url in urls]
         prompts = inputs(n)
-        start = time.perf_counter()
+        start, used = time.perf_counter(), cpu()
         outputs = llm.generate_outputs(prompts, max_new_tokens=16, progress=False)
-        seconds = time.perf_counter() - start
+        seconds, used = time.perf_counter() - start, cpu() - used
     bad = [i for i, texts in enumerate(outputs) if not texts[0] or not texts[0].startswith(f"q{i}")]
     if bad:
         raise SystemExit(f"FAIL: {len(bad)} outputs do not answer their input (first: {bad[0]})")
-    return n / seconds, [stats(url)["prompts"] - count for url, count in zip(urls, before, strict=True)]
+    return n / seconds, [stats(url)["prompts"] - count for url, count in zip(urls, before, strict=True)], used
 
 
 def busy(url: str, sequences: int) -> subprocess.Popen[bytes]:
@@ -116,11 +122,13 @@ def main() -> None:
             tokenizer = str(build_tokenizer(Path(tmp)))
             run(urls, tokenizer, args.max_num_seqs, 200)  # warm-up: imports, template, connections
             rates: dict[int, list[float]] = {1: [], 2: []}
+            cpus: dict[int, list[float]] = {1: [], 2: []}
             split: list[list[int]] = []
             for _ in range(args.repeats):
                 for replicas in (1, 2):
-                    rate, served = run(urls[:replicas], tokenizer, args.max_num_seqs, args.n)
+                    rate, served, used = run(urls[:replicas], tokenizer, args.max_num_seqs, args.n)
                     rates[replicas].append(rate)
+                    cpus[replicas].append(used)
                     if replicas == 2:
                         split.append(served)
     finally:
@@ -133,8 +141,10 @@ def main() -> None:
     print(f"servers: max-num-seqs={args.max_num_seqs}, latency={args.latency_ms:g} ms (at most {ideal:.0f} prompts/s "
           f"each); N={args.n}, {args.repeats} repeats" + (f"; {args.busy_first} other sequences on server 1"
                                                            if args.busy_first else ""))
-    print(f"1 replica : {one:7.1f} prompts/s  (runs: {', '.join(f'{r:.1f}' for r in rates[1])})")
-    print(f"2 replicas: {two:7.1f} prompts/s  (runs: {', '.join(f'{r:.1f}' for r in rates[2])})")
+    for replicas, rate in ((1, one), (2, two)):
+        print(f"{replicas} replica{'s' if replicas > 1 else ' '}: {rate:7.1f} prompts/s  (runs: "
+              f"{', '.join(f'{r:.1f}' for r in rates[replicas])}; client CPU "
+              f"{1000 * statistics.median(cpus[replicas]) / args.n:.2f} ms/prompt)")
     print(f"ratio     : {two / one:.2f}x  (target >= 1.8x)   prompts per server with 2: {split}")
 
 

@@ -215,7 +215,7 @@ class Engine:
             sending.discard(asyncio.current_task())
 
         async def produce() -> None:
-            slots = max(1, self.capacity.limit // unit)
+            slots = max(1, self.replicas.share // unit)  # packs sized for one server (of several: its share)
             iterator = iter(items)
             ready: collections.deque[tuple[int, Any, GenerateOutput | None]] = collections.deque()
             exhausted = False

@@ -146,6 +146,11 @@ class Replicas:
         return len(self.replicas) == 1
 
     @property
+    def share(self) -> int:
+        """The smallest replica's share of ``max_concurrency``: what packs are sized for."""
+        return min(replica.slots.limit for replica in self.replicas)
+
+    @property
     def capacity(self) -> Capacity | Total:
         return self.replicas[0].slots if self.single else Total([replica.slots for replica in self.replicas])
 
