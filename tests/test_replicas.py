@@ -187,3 +187,15 @@ def test_a_replica_list_is_checked_and_saved_as_given() -> None:
                           (["http://a:1", "a:2"], "has no scheme")]:
         with pytest.raises(ConfigurationError, match=expected):
             ClientvLLM(base_url=bad)
+
+
+def test_a_request_that_timed_out_is_not_sent_again_elsewhere(make_fake_vllm: Any, tokenizer_dir: Any) -> None:
+    a, b = make_fake_vllm(), make_fake_vllm()
+    with _client(tokenizer_dir, a, b, timeout=1.0, max_concurrency=2, pack_size=1) as llm:
+        a.delay_next(5.0, match="[[T0]]")
+        b.delay_next(5.0, match="[[T0]]")
+        outputs = run_with_timeout(lambda: llm.generate(_inputs(6)), timeout=15)
+    assert outputs[0]["error"].type == "ServerTimeoutError", outputs[0]
+    _check_each_once(outputs[1:], start=1)
+    sent = [r for server in (a, b) for r in server.requests_to("/v1/completions") if "[[T0]]" in str(r.body)]
+    assert len(sent) == 1  # once, to one replica: as with one server, a timed-out generation is not re-sent
