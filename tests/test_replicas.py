@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from vllmclient import ClientvLLM
+from vllmclient import ClientvLLM, StreamEnd
 from vllmclient.errors import ConfigurationError, ModelNotFoundError, ServerUnreachableError
 
 from deadline import run_with_timeout
@@ -199,3 +199,14 @@ def test_a_request_that_timed_out_is_not_sent_again_elsewhere(make_fake_vllm: An
     _check_each_once(outputs[1:], start=1)
     sent = [r for server in (a, b) for r in server.requests_to("/v1/completions") if "[[T0]]" in str(r.body)]
     assert len(sent) == 1  # once, to one replica: as with one server, a timed-out generation is not re-sent
+
+
+def test_a_stream_goes_to_a_replica_and_gives_back_its_share(make_fake_vllm: Any, tokenizer_dir: Any) -> None:
+    a, b = make_fake_vllm(), make_fake_vllm()
+    with _client(tokenizer_dir, a, b) as llm:
+        for i in range(3):
+            events = list(llm.stream(_inputs(1, start=i)[0], max_new_tokens=4))
+            assert isinstance(events[-1], StreamEnd) and events[-1].text.startswith(f"T{i}")
+        assert llm._engine is not None
+        assert llm._engine.capacity.used == 0 and llm._engine.connections.used == 0
+    assert len(_tags(a)) + len(_tags(b)) == 3
