@@ -210,3 +210,13 @@ def test_a_stream_goes_to_a_replica_and_gives_back_its_share(make_fake_vllm: Any
         assert llm._engine is not None
         assert llm._engine.capacity.used == 0 and llm._engine.connections.used == 0
     assert len(_tags(a)) + len(_tags(b)) == 3
+
+
+def test_prompts_are_checked_against_the_smallest_context_of_the_replicas(
+    make_fake_vllm: Any, tokenizer_dir: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    long = make_fake_vllm(models=[{"id": "tiny-llama", "max_model_len": 1024}])
+    short = make_fake_vllm(models=[{"id": "tiny-llama", "max_model_len": 256}])
+    with caplog.at_level(logging.WARNING, logger="vllmclient"), _client(tokenizer_dir, long, short) as llm:
+        assert llm.max_model_len == 256
+    assert "context lengths differ" in caplog.text

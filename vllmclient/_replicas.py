@@ -333,7 +333,7 @@ def shares(max_concurrency: int, replicas: int) -> list[int]:
 async def discover_all(router: Replicas, wanted: str | None) -> tuple[ServerInfo, str]:
     """``discover`` on every replica: each must serve the model; one that cannot be reached starts cooled down.
 
-    What the first replica that answered serves stands for all (context length, version).
+    The replica with the smallest context length stands for all (a prompt checked against it fits each).
     """
     found = await asyncio.gather(
         *(discover(replica, replica.base_url, wanted) for replica in router.replicas), return_exceptions=True
@@ -352,15 +352,20 @@ async def discover_all(router: Replicas, wanted: str | None) -> tuple[ServerInfo
             f"None of the {len(down)} servers in base_url could be reached: "
             + "; ".join(f"{replica.base_url}: {error.message}" for replica, error in down)
         )
-    _, server, name = answered[0]
-    for replica, other, other_name in answered:
-        if other_name != name:
+    first, _, name = answered[0]
+    for replica, info, other in answered:
+        if other != name:
             raise ConfigurationError(
-                f"The servers in base_url serve different models: {server.base_url} serves {name!r}, "
-                f"{replica.base_url} serves {other_name!r}. base_url lists replicas of one model: remove "
+                f"The servers in base_url serve different models: {first.base_url} serves {name!r}, "
+                f"{replica.base_url} serves {other!r}. base_url lists replicas of one model: remove "
                 "the other server, or pass model=... if both serve it."
             )
-        replica.served_models = other.names
+        replica.served_models = info.names
+    lengths = {replica.base_url: info.max_model_len(name) for replica, info, _ in answered}
+    _, server, _ = min(answered, key=lambda found: lengths[found[0].base_url] or 1 << 62)
+    if len(set(lengths.values())) > 1:
+        logger.warning("vllmclient: the replicas' context lengths differ (%s); prompts are checked against the "
+                       "smallest", ", ".join(f"{url}: {length}" for url, length in lengths.items()))
     router.model = name
     for replica, error in down:
         replica.served_models = server.names
