@@ -98,7 +98,6 @@ class Replica:
         self.connections = Capacity(connections)  # requests in flight: at most one per pooled connection
         self.down_since: float | None = None  # time.monotonic() when cooled down; None: healthy
         self.why: str = ""  # what made it cool down
-        self.requests = 0  # answered, for the log and tests
 
     async def get(self, path: str) -> Any:
         return await self.call(self.aclient.get(path, cast_to=httpx2.Response))
@@ -316,7 +315,8 @@ class Replicas:
             probe.cancel()
 
     def _reasons(self) -> str:
-        return "; ".join(f"{replica.base_url}: {replica.why}" for replica in self.replicas if replica.down_since)
+        return "; ".join(f"{replica.base_url}: {replica.why}" for replica in self.replicas
+                         if replica.down_since is not None)
 
     def _all_down(self) -> ServerUnreachableError:
         return ServerUnreachableError(
