@@ -220,3 +220,16 @@ def test_prompts_are_checked_against_the_smallest_context_of_the_replicas(
     with caplog.at_level(logging.WARNING, logger="vllmclient"), _client(tokenizer_dir, long, short) as llm:
         assert llm.max_model_len == 256
     assert "context lengths differ" in caplog.text
+
+
+def test_a_replica_back_with_another_model_is_not_used(
+    make_fake_vllm: Any, tokenizer_dir: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = make_fake_vllm(), make_fake_vllm()
+    with caplog.at_level(logging.WARNING, logger="vllmclient"), _client(tokenizer_dir, a, b) as llm:
+        a.kill()
+        _check_each_once(llm.generate(_inputs(20)))  # a's failure cools it down
+        with FakeVLLM(tokenizer_dir, port=a.port, models=[{"id": "other-model", "max_model_len": 1024}]) as other:
+            _wait_for(lambda: "is back but serves other-model, not 'tiny-llama'" in caplog.text)
+            _check_each_once(llm.generate(_inputs(20, start=100)), start=100)
+            assert not other.requests_to("/v1/completions")

@@ -211,6 +211,7 @@ class Replicas:
         """Until the replica is healthy and serves the model again, with doubling waits; then it rejoins."""
         ticket.set(None)  # this task was started from a request's context: its probes take no capacity
         wait = PROBE_FIRST_SECONDS
+        wrong = False  # it was found serving another model (said once)
         root = replica.base_url.removesuffix("/v1")
         options: openai.RequestOptions = {"max_retries": 0, "timeout": min(self.timeout, PROBE_MOST_SECONDS)}
         while True:
@@ -224,8 +225,10 @@ class Replicas:
                 logger.debug("vllmclient: replica %s still down (%s)", replica.base_url, exc)
                 continue
             if self.model and self.model not in names:
-                logger.warning("vllmclient: replica %s is back but serves %s, not %r: not used",
-                               replica.base_url, ", ".join(names) or "no model", self.model)
+                logger.log(logging.DEBUG if wrong else logging.WARNING,
+                           "vllmclient: replica %s is back but serves %s, not %r: not used",
+                           replica.base_url, ", ".join(names) or "no model", self.model)
+                wrong = True
                 continue
             replica.down_since = None
             self._all_down_logged = False
