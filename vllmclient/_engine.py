@@ -103,7 +103,8 @@ class Engine:
         """One request through the SDK (its retries and timeouts), JSON decoded without model parsing.
 
         ``sequences`` is what the request holds of the capacity while the server works on it. A connection
-        is taken first, before any slot, and kept until the answer is read: the pool never makes it wait.
+        is taken first, before any slot (several replicas: just after, as room chooses the replica), and kept
+        until the answer is read: the pool never makes it wait.
         The request carries an ``X-Request-Id`` of ours (vLLM names the request after it in its log, and in
         the answer's ``id``); it is returned with the data and set on any error, so every result can be traced.
         Also returned: the seconds from the send (of the last attempt) to the answer. With several replicas,
