@@ -12,10 +12,15 @@ and the servers share the cores); ``--latency-ms 100`` needs twice the client's 
 ``--busy-first`` adds another client's load to the first server (as a shared server has): a background
 process keeps B sequences queued there; the figures then show how the split of the work reacts to it.
 
+``--kill-second`` instead runs one job over two servers and kills the second when it has answered a third of
+the inputs (SIGKILL: connections reset, new ones refused): it prints the job's prompts/s, whether every
+output answers its input, and how the prompts were split, for ``max_retries`` 0 and the default 6.
+
 Command (from the repository root)::
 
     .venv/bin/python benchmarks/replicas.py                  # N=3000, S=32, L=200 ms, 3 repeats
     .venv/bin/python benchmarks/replicas.py --n 1000 --repeats 1   # a quick look
+    .venv/bin/python benchmarks/replicas.py --kill-second          # one server dies mid-job
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -75,10 +81,10 @@ def cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(urls: list[str], tokenizer: str, seqs: int, n: int) -> tuple[float, list[int], float]:
+def run(urls: list[str], tokenizer: str, seqs: int, n: int, max_retries: int = 0) -> tuple[float, list[int], float]:
     """prompts/s of one generate over ``urls``, the prompts each server answered, the client's CPU s."""
     with ClientvLLM(base_url=urls, tokenizer=tokenizer, tokenizer_check="off", max_concurrency=seqs * len(urls),
-                    max_retries=0) as llm:
+                    max_retries=max_retries) as llm:
         before = [stats(url)["prompts"] for url in urls]
         prompts = inputs(n)
         start, used = time.perf_counter(), cpu()
@@ -87,7 +93,40 @@ def run(urls: list[str], tokenizer: str, seqs: int, n: int) -> tuple[float, list
     bad = [i for i, texts in enumerate(outputs) if not texts[0] or not texts[0].startswith(f"q{i}")]
     if bad:
         raise SystemExit(f"FAIL: {len(bad)} outputs do not answer their input (first: {bad[0]})")
-    return n / seconds, [stats(url)["prompts"] - count for url, count in zip(urls, before, strict=True)], used
+    served = []
+    for url, count in zip(urls, before, strict=True):
+        try:
+            served.append(stats(url)["prompts"] - count)
+        except OSError:  # killed
+            served.append(-1)
+    return n / seconds, served, used
+
+
+def kill_second(args: argparse.Namespace, tokenizer: str) -> None:
+    """One job over two servers; the second is killed once it answered a third of the inputs."""
+    for max_retries in (0, 6):
+        servers = [start_server(args.max_num_seqs, args.latency_ms) for _ in range(2)]
+        urls = [url for _, url in servers]
+        killed: list[int] = []
+
+        def killer(victim: subprocess.Popen[bytes] = servers[1][0], url: str = urls[1],
+                   killed: list[int] = killed) -> None:
+            while stats(url)["prompts"] < args.n // 3:
+                time.sleep(0.01)
+            answered = stats(url)["prompts"]
+            victim.kill()
+            killed.append(answered)
+
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        try:
+            rate, served, _ = run(urls, tokenizer, args.max_num_seqs, args.n, max_retries)
+        finally:
+            for process, _ in servers:
+                process.kill()
+        print(f"max_retries={max_retries}: second server killed after answering {killed[0] if killed else '?'} "
+              f"prompts; job {rate:.1f} prompts/s, every output answers its input; first server answered "
+              f"{served[0]} of {args.n}")
 
 
 def busy(url: str, sequences: int) -> subprocess.Popen[bytes]:
@@ -114,7 +153,12 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=200.0, help="each sequence's time on the server")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--busy-first", type=int, default=0, help="another client's sequences kept on server 1")
+    parser.add_argument("--kill-second", action="store_true", help="kill the second server a third into one job")
     args = parser.parse_args()
+    if args.kill_second:
+        with tempfile.TemporaryDirectory() as tmp:
+            kill_second(args, str(build_tokenizer(Path(tmp))))
+        return
     servers = [start_server(args.max_num_seqs, args.latency_ms) for _ in range(2)]
     urls = [url for _, url in servers]
     other = busy(urls[0], args.busy_first) if args.busy_first else None

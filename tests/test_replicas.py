@@ -233,3 +233,18 @@ def test_a_replica_back_with_another_model_is_not_used(
             _wait_for(lambda: "is back but serves other-model, not 'tiny-llama'" in caplog.text)
             _check_each_once(llm.generate(_inputs(20, start=100)), start=100)
             assert not other.requests_to("/v1/completions")
+
+
+def test_requests_on_a_killed_replica_go_elsewhere_without_the_sdks_back_off(
+    make_fake_vllm: Any, tokenizer_dir: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = make_fake_vllm(latency=0.2), make_fake_vllm(latency=0.2)
+    with caplog.at_level(logging.INFO, logger="openai"), _client(tokenizer_dir, a, b, max_retries=6) as llm:
+        killer = threading.Thread(target=lambda: (_wait_for(lambda: a.in_flight_requests > 0), a.kill()))
+        killer.start()
+        outputs = run_with_timeout(lambda: llm.generate(_inputs(40)), timeout=60)
+        killer.join()
+    _check_each_once(outputs)
+    # A request cut off by the kill is re-sent once by the SDK (a dropped connection may be a blip); refused
+    # then, it goes to the other replica at once instead of through max_retries=6 back-offs (about 25 s).
+    assert "Retrying request" in caplog.text and "(retry 2 of 6)" not in caplog.text

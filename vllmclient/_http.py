@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import errno
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
 import openai
 
-__all__ = ["Capacity", "Ticket", "http_client", "ticket"]
+__all__ = ["Capacity", "HTTPClient", "Ticket", "http_client", "ticket"]
 
 logger = logging.getLogger("vllmclient")
 
@@ -156,6 +158,8 @@ class _SendOnce(httpx2.AsyncBaseTransport):
       likely need as long again: with the SDK's retries a 130 s generation under ``timeout=120`` ran 7
       times (15 minutes) before failing. Sent once, it fails after ``timeout`` with advice to raise it.
     - A TLS certificate that fails verification fails the same way a few seconds later.
+    - With several replicas (``refused`` set), a refused connection: nothing listens there any more, and
+      another replica can take the request now rather than after the SDK's back-off (``_replicas``).
 
     Raising an ``openai.OpenAIError`` is how: the SDK passes those on without retrying. Connection errors
     (refused, dropped: a restart, a stale pooled connection) and 408/409/429/5xx answers keep the retries.
@@ -163,6 +167,7 @@ class _SendOnce(httpx2.AsyncBaseTransport):
 
     def __init__(self, transport: httpx2.AsyncBaseTransport) -> None:
         self.transport = transport
+        self.refused: Callable[[openai.APIConnectionError], None] | None = None
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         try:
@@ -170,18 +175,34 @@ class _SendOnce(httpx2.AsyncBaseTransport):
         except httpx2.ReadTimeout as exc:
             raise openai.APITimeoutError(request=request) from exc
         except httpx2.TransportError as exc:
-            cause: BaseException | None = exc
-            while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
-                cause = cause.__cause__
-            if cause is None:
-                raise
-            raise openai.APIConnectionError(request=request) from exc
+            causes = _causes(exc)
+            if any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes):
+                raise openai.APIConnectionError(request=request) from exc
+            if self.refused is not None and any(_is_refusal(cause) for cause in causes):
+                error = openai.APIConnectionError(request=request)
+                error.__cause__ = exc
+                self.refused(error)
+                raise error from exc
+            raise
 
     async def aclose(self) -> None:
         await self.transport.aclose()
 
 
-class _HTTPClient(openai.DefaultAioHttpClient):
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    return isinstance(exc, ConnectionRefusedError) or f"[Errno {errno.ECONNREFUSED}]" in str(exc)
+
+
+class HTTPClient(openai.DefaultAioHttpClient):
     """The SDK's aiohttp-backed client with every transport (proxied ones too) wrapped in ``_SendOnce``.
 
     ``connections`` is the size of its connection pool: the engine never has more requests in flight, so a
@@ -190,6 +211,12 @@ class _HTTPClient(openai.DefaultAioHttpClient):
 
     connections: int
 
+    def on_refused(self, callback: Callable[[openai.APIConnectionError], None]) -> None:
+        """A refused connection is reported to ``callback`` and not retried by the SDK (see ``_SendOnce``)."""
+        for transport in [self._transport, *self._mounts.values()]:
+            if isinstance(transport, _SendOnce):
+                transport.refused = callback
+
     def _init_transport(self, *args: Any, **kwargs: Any) -> httpx2.AsyncBaseTransport:
         return _SendOnce(super()._init_transport(*args, **kwargs))
 
@@ -197,7 +224,7 @@ class _HTTPClient(openai.DefaultAioHttpClient):
         return _SendOnce(super()._init_proxy_transport(*args, **kwargs))
 
 
-def http_client(kwargs: dict[str, Any] | None, *, replicas: int = 1) -> _HTTPClient:
+def http_client(kwargs: dict[str, Any] | None, *, replicas: int = 1) -> HTTPClient:
     """The SDK's aiohttp-backed HTTP client, with the hooks that count capacity, sized to the open-file limit.
 
     The hooks run before the user's own: a request hook (e.g. one that signs) then runs just before the
@@ -219,6 +246,6 @@ def http_client(kwargs: dict[str, Any] | None, *, replicas: int = 1) -> _HTTPCli
             max_keepalive_connections=min(budget, default.max_keepalive_connections or budget),
             keepalive_expiry=_KEEPALIVE_SECONDS,
         )
-    client = _HTTPClient(event_hooks=hooks, **kwargs)
+    client = HTTPClient(event_hooks=hooks, **kwargs)
     client.connections = min(budget, kwargs["limits"].max_connections or budget)
     return client

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from typing import Any
 import httpx2
 import openai
 
-from ._http import Capacity, Ticket, ticket
+from ._http import Capacity, HTTPClient, Ticket, ticket
 from ._server import ServerInfo, discover, parse_models
 from .errors import (
     APIError,
@@ -90,8 +91,11 @@ class Total:
 class Replica:
     """One server: its SDK client, connection budget, share of the capacity and health."""
 
-    def __init__(self, aclient: openai.AsyncOpenAI, *, base_url: str, connections: int, share: int) -> None:
+    def __init__(
+        self, aclient: openai.AsyncOpenAI, transport: HTTPClient, *, base_url: str, connections: int, share: int
+    ) -> None:
         self.aclient = aclient
+        self.transport = transport
         self.base_url = base_url
         self.served_models: list[str] = []
         self.slots = _Share(share)
@@ -139,6 +143,7 @@ class Replicas:
         if len(self.replicas) > 1:
             for replica in self.replicas:
                 replica.slots.on_release = self._wake
+                replica.transport.on_refused(functools.partial(self._refused, replica))
 
     @property
     def single(self) -> bool:
@@ -192,6 +197,13 @@ class Replicas:
         self.cool_down(replica, error)
         untried = [other for other in self.replicas if other is not replica and other not in tried]
         return bool(untried) and not isinstance(error, ServerTimeoutError)
+
+    def _refused(self, replica: Replica, error: openai.APIConnectionError) -> None:
+        """Nothing listens at the replica any more: cool it down at once (its transport stops the SDK's
+        retries, so the requests on their way there come back to be routed elsewhere)."""
+        failure = replica.translate(error)
+        if isinstance(failure, APIError):
+            self.cool_down(replica, failure)
 
     def cool_down(self, replica: Replica, error: APIError) -> None:
         if self.single or replica.down_since is not None:

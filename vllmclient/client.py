@@ -407,7 +407,7 @@ class ClientvLLM(BaseModel):
             default_headers=self.default_headers,
             http_client=transport,
         )
-        return Replica(aclient, base_url=api_base, connections=transport.connections, share=share)
+        return Replica(aclient, transport, base_url=api_base, connections=transport.connections, share=share)
 
     def close(self) -> None:
         """Release connections and the private loop's thread; ``load()`` (or any call) reconnects."""
