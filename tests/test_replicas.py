@@ -239,7 +239,8 @@ def test_requests_on_a_killed_replica_go_elsewhere_without_the_sdks_back_off(
     make_fake_vllm: Any, tokenizer_dir: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     a, b = make_fake_vllm(latency=0.2), make_fake_vllm(latency=0.2)
-    with caplog.at_level(logging.INFO, logger="openai"), _client(tokenizer_dir, a, b, max_retries=6) as llm:
+    # the SDK logs its retries here (distilabel silences this logger in its pipelines: set it for the test)
+    with caplog.at_level(logging.INFO, logger="openai._base_client"), _client(tokenizer_dir, a, b, max_retries=6) as llm:
         killer = threading.Thread(target=lambda: (_wait_for(lambda: a.in_flight_requests > 0), a.kill()))
         killer.start()
         outputs = run_with_timeout(lambda: llm.generate(_inputs(40)), timeout=60)
