@@ -249,3 +249,22 @@ def test_requests_on_a_killed_replica_go_elsewhere_without_the_sdks_back_off(
     # A request cut off by the kill is re-sent once by the SDK (a dropped connection may be a blip); refused
     # then, it goes to the other replica at once instead of through max_retries=6 back-offs (about 25 s).
     assert "Retrying request" in caplog.text and "(retry 2 of 6)" not in caplog.text
+
+
+def test_requests_cut_off_when_every_replica_restarts_wait_for_them(make_fake_vllm: Any, tokenizer_dir: Any) -> None:
+    a, b = make_fake_vllm(latency=0.3), make_fake_vllm(latency=0.3)
+    with _client(tokenizer_dir, a, b, max_retries=1, max_concurrency=4, pack_size=1) as llm:
+
+        def restart_both() -> None:
+            _wait_for(lambda: a.in_flight_requests > 0 and b.in_flight_requests > 0)
+            a.kill()
+            b.kill()
+            time.sleep(0.5)
+            a.start()
+            b.start()
+
+        restarter = threading.Thread(target=restart_both)
+        restarter.start()
+        outputs = run_with_timeout(lambda: llm.generate(_inputs(20)), timeout=60)
+        restarter.join()
+    _check_each_once(outputs)  # refused everywhere is not a try: they waited, as with one server's SDK retries

@@ -17,7 +17,7 @@ from typing import Any
 import httpx2
 
 from ._http import Capacity, ticket
-from ._replicas import Replica, Replicas, Total
+from ._replicas import Replicas, Route, Total
 from ._request import Request
 from ._responses import batch_chat_outputs, chat_output, completion_alone, completion_outputs, read
 from .errors import (
@@ -111,10 +111,9 @@ class Engine:
         a request a replica failed goes to another one it has not tried (``Replicas.failed``).
         """
         request_id = f"vllmclient-{uuid.uuid4().hex}"
-        tried: list[Replica] = []
-        failure: APIError | None = None
+        route = Route()
         while True:
-            replica, claim = await self.replicas.take(sequences, tried, failure)
+            replica, claim = await self.replicas.take(sequences, route)
             token = ticket.set(claim)
             try:
                 data = await replica.call(
@@ -124,10 +123,8 @@ class Engine:
                 )
             except APIError as exc:
                 exc.request_id = exc.request_id or request_id
-                if not self.replicas.failed(replica, exc, tried):
+                if not self.replicas.failed(replica, exc, route):
                     raise
-                tried.append(replica)
-                failure = exc
                 continue
             finally:
                 ticket.reset(token)

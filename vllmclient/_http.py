@@ -21,7 +21,7 @@ from typing import Any
 import httpx2
 import openai
 
-__all__ = ["Capacity", "HTTPClient", "Ticket", "http_client", "ticket"]
+__all__ = ["Capacity", "HTTPClient", "Ticket", "http_client", "refused", "ticket"]
 
 logger = logging.getLogger("vllmclient")
 
@@ -178,7 +178,7 @@ class _SendOnce(httpx2.AsyncBaseTransport):
             causes = _causes(exc)
             if any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes):
                 raise openai.APIConnectionError(request=request) from exc
-            if self.refused is not None and any(_is_refusal(cause) for cause in causes):
+            if self.refused is not None and refused(exc):
                 error = openai.APIConnectionError(request=request)
                 error.__cause__ = exc
                 self.refused(error)
@@ -198,8 +198,10 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def _is_refusal(exc: BaseException) -> bool:
-    return isinstance(exc, ConnectionRefusedError) or f"[Errno {errno.ECONNREFUSED}]" in str(exc)
+def refused(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a refused connection (nothing listens there): nothing was sent."""
+    return any(isinstance(cause, ConnectionRefusedError) or f"[Errno {errno.ECONNREFUSED}]" in str(cause)
+               for cause in _causes(exc))
 
 
 class HTTPClient(openai.DefaultAioHttpClient):

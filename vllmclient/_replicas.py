@@ -25,12 +25,13 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
 import openai
 
-from ._http import Capacity, HTTPClient, Ticket, ticket
+from ._http import Capacity, HTTPClient, Ticket, refused, ticket
 from ._server import ServerInfo, discover, parse_models
 from .errors import (
     APIError,
@@ -44,7 +45,7 @@ from .errors import (
     unreadable_answer,
 )
 
-__all__ = ["Replica", "Replicas", "Total", "discover_all", "shares"]
+__all__ = ["Replica", "Replicas", "Route", "Total", "discover_all", "shares"]
 
 logger = logging.getLogger("vllmclient")
 
@@ -129,6 +130,15 @@ class Replica:
         return from_openai(exc, base_url=self.base_url, served_models=self.served_models, timeout=seconds)
 
 
+@dataclass
+class Route:
+    """One request's way through the replicas."""
+
+    tried: list[Replica] = field(default_factory=list)  # those it reached and that failed it
+    failure: APIError | None = None  # the last of those failures
+    waiting_since: float | None = None  # when it first found every replica down
+
+
 class Replicas:
     """Routes each request to a replica; see the module's docstring."""
 
@@ -164,24 +174,19 @@ class Replicas:
         return self.replicas[0].connections if self.single else Total([r.connections for r in self.replicas])
 
     async def take(
-        self,
-        sequences: int,
-        tried: Sequence[Replica] = (),
-        failure: APIError | None = None,
-        *,
-        until_closed: bool = False,
+        self, sequences: int, route: Route | None = None, *, until_closed: bool = False
     ) -> tuple[Replica, Ticket]:
         """A replica for a request of ``sequences``, with its connection taken and its claim on the capacity.
 
         One replica: the claim is taken when the SDK sends (``_http.Ticket``). Several: a share is taken here,
-        on the replica with the most free room among those not ``tried``, waiting for room if need be. A
-        request that ``tried`` replicas already fails with its last ``failure`` once only those are up.
+        on the replica with the most free room among those the ``route`` has not tried, waiting for room if
+        need be. A request fails with its last failure once only replicas it tried are up.
         """
         if self.single:
             (replica,) = self.replicas
             await replica.connections.acquire(1)
             return replica, Ticket(replica.slots, sequences, until_closed=until_closed)
-        replica, amount = await self._room(sequences, list(tried), failure)
+        replica, amount = await self._room(sequences, route or Route())
         try:
             await replica.connections.acquire(1)
         except BaseException:
@@ -191,13 +196,21 @@ class Replicas:
         claim.held, claim.entered = True, time.perf_counter()
         return replica, claim
 
-    def failed(self, replica: Replica, error: APIError, tried: Sequence[Replica]) -> bool:
-        """Note that ``replica`` failed a request with ``error``; whether to send it to another replica."""
+    def failed(self, replica: Replica, error: APIError, route: Route | None = None) -> bool:
+        """Note that ``replica`` failed a request with ``error``; whether to send it to another replica.
+
+        A refused connection reached nothing, so it is not a try: the request may go there again once the
+        replica is back. Others count: at most one send to each replica, and none after a timeout.
+        """
         if self.single or not isinstance(error, _REPLICA_FAILURES):
             return False
         self.cool_down(replica, error)
-        untried = [other for other in self.replicas if other is not replica and other not in tried]
-        return bool(untried) and not isinstance(error, ServerTimeoutError)
+        if route is None or isinstance(error, ServerTimeoutError):
+            return False
+        if not refused(error):
+            route.tried.append(replica)
+        route.failure = error
+        return any(other not in route.tried for other in self.replicas)
 
     def _refused(self, replica: Replica, error: openai.APIConnectionError) -> None:
         """Nothing listens at the replica any more: cool it down at once (its transport stops the SDK's
@@ -249,9 +262,10 @@ class Replicas:
             self._wake(everyone=True)
             return
 
-    async def _room(self, sequences: int, tried: list[Replica], failure: APIError | None) -> tuple[Replica, int]:
-        """Wait for room on a healthy replica not in ``tried``; with every replica down, at most until
-        ``timeout`` seconds after the last went down."""
+    async def _room(self, sequences: int, route: Route) -> tuple[Replica, int]:
+        """Wait for room on a healthy replica the route has not tried. With every replica down, at most until
+        ``timeout`` seconds after the last went down, and ``timeout`` seconds in all for this route."""
+        tried = route.tried
         while True:
             if not self._waiters:
                 picked = self._pick(sequences, tried)
@@ -260,10 +274,12 @@ class Replicas:
             candidates = [replica for replica in self.replicas if replica not in tried]
             limit: float | None = None
             if all(replica.down_since is not None for replica in candidates):
-                if failure is not None and (not candidates or any(r.down_since is None for r in self.replicas)):
-                    raise failure  # the replicas that are up failed this request already
-                since = max(replica.down_since or 0.0 for replica in self.replicas)  # all are down
-                limit = since + self.timeout - time.monotonic()
+                if route.failure is not None and (not candidates or any(r.down_since is None for r in self.replicas)):
+                    raise route.failure  # the replicas that are up failed this request already
+                now = time.monotonic()
+                route.waiting_since = route.waiting_since or now
+                since = min(max(replica.down_since or 0.0 for replica in self.replicas), route.waiting_since)
+                limit = since + self.timeout - now
                 if limit <= 0:
                     raise self._all_down()
                 if not self._all_down_logged:

@@ -174,7 +174,7 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
             )
         if isinstance(error, APIError):
             error.request_id = error.request_id or request_id
-            engine.replicas.failed(replica, error, ())  # several replicas: it cools down; a stream is not re-sent
+            engine.replicas.failed(replica, error)  # several replicas: it cools down; a stream is not re-sent
         raise error from exc
     finally:
         try:
