@@ -647,7 +647,7 @@ class FakeVLLM:
         self.batch_chat = batch_chat  # False: no POST /v1/chat/completions/batch (404, as vLLM before it)
         self.requests: list[Recorded] = []
         self.completion_requests = 0
-        self.answered_prompts: list[str] = []  # the prompt (chat: last message) of each answered request, in order
+        self.answered_prompts: list[str] = []  # the prompts (chat: the messages) of the answered requests, in order
         self.streams_aborted = 0  # streamed answers whose client went away before the end
         self.max_in_flight_requests = 0
         self.max_in_flight_sequences = 0
@@ -1493,7 +1493,7 @@ class FakeVLLM:
             answered = True
             return response
         finally:
-            self._engine_done(n, answered, texts)
+            self._engine_done(n, answered, turn.texts)
 
     async def _chat_batch(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chat/completions/batch`` as vLLM 0.32 serves it: ``messages`` is a list of conversations,
@@ -1554,7 +1554,7 @@ class FakeVLLM:
             answered = True
             return response
         finally:
-            self._engine_done(len(turns), answered)
+            self._engine_done(len(turns), answered, [text for turn in turns for text in turn.texts])
 
     def _chat_response(self, body: dict[str, Any], model: str, request_id: str, prompt_ids: tuple[int, ...],
                        choices: list[_Choice], k: int) -> web.Response:

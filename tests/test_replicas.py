@@ -4,6 +4,7 @@ restarted, every replica down, a replica serving another model or down at load. 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import re
 import socket
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from vllmclient import ClientvLLM, StreamEnd
+from vllmclient.cli import main
 from vllmclient.errors import ConfigurationError, ModelNotFoundError, ServerUnreachableError
 
 from deadline import run_with_timeout
@@ -268,3 +270,21 @@ def test_requests_cut_off_when_every_replica_restarts_wait_for_them(make_fake_vl
         outputs = run_with_timeout(lambda: llm.generate(_inputs(20)), timeout=60)
         restarter.join()
     _check_each_once(outputs)  # refused everywhere is not a try: they waited, as with one server's SDK retries
+
+
+def test_the_command_line_runs_a_job_over_two_replicas(make_fake_vllm: Any, tokenizer_dir: Any, tmp_path: Any) -> None:
+    a, b = make_fake_vllm(latency=0.02), make_fake_vllm(latency=0.02)
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": f"q{i}", "messages": _inputs(1, start=i)[0]}) + "\n"
+                              for i in range(40)))
+    argv = ["run", str(source), "-o", str(out), "--base-url", a.base_url, "--base-url", b.base_url,
+            "--tokenizer", str(tokenizer_dir), "--max-tokens", "4", "--max-concurrency", "8", "--no-progress"]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(record["custom_id"] for record in records) == sorted(f"q{i}" for i in range(40))
+    for record in records:
+        assert record["error"] is None and record["response"]["status_code"] == 200
+        choice = record["response"]["body"]["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+        assert text.startswith(f"T{record['custom_id'][1:]}"), record
+    assert _tags(a) and _tags(b) and sorted(_tags(a) + _tags(b)) == sorted(f"T{i}" for i in range(40))
