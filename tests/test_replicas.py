@@ -71,6 +71,11 @@ def test_both_replicas_get_work_within_their_share(make_fake_vllm: Any, tokenize
     assert sorted(_tags(a) + _tags(b)) == sorted(f"T{i}" for i in range(120))  # none sent twice
     assert len(_tags(a)) >= 30 and len(_tags(b)) >= 30
     assert a.max_in_flight_sequences <= 4 and b.max_in_flight_sequences <= 4  # max_concurrency=8, split
+    # each result names the replica that answered it
+    assert {f"T{i}" for i, output in enumerate(outputs) if output["server"] == a.base_url + "/v1"} == set(_tags(a))
+    assert {f"T{i}" for i, output in enumerate(outputs) if output["server"] == b.base_url + "/v1"} == set(_tags(b))
+    with _client(tokenizer_dir, a) as one:  # a list of one is one server: nothing to name
+        assert "server" not in one.generate(_inputs(1))[0]
 
 
 def test_a_killed_replica_loses_nothing_and_rejoins_when_restarted(make_fake_vllm: Any, tokenizer_dir: Any) -> None:

@@ -99,7 +99,7 @@ class Engine:
         """The server's address (several: all of them), for messages."""
         return ", ".join(replica.base_url for replica in self.replicas.replicas)
 
-    async def post(self, path: str, body: dict[str, Any], sequences: int) -> tuple[Any, str, float | None]:
+    async def post(self, path: str, body: dict[str, Any], sequences: int) -> tuple[Any, str, float | None, str | None]:
         """One request through the SDK (its retries and timeouts), JSON decoded without model parsing.
 
         ``sequences`` is what the request holds of the capacity while the server works on it. A connection
@@ -107,8 +107,8 @@ class Engine:
         until the answer is read: the pool never makes it wait.
         The request carries an ``X-Request-Id`` of ours (vLLM names the request after it in its log, and in
         the answer's ``id``); it is returned with the data and set on any error, so every result can be traced.
-        Also returned: the seconds from the send (of the last attempt) to the answer. With several replicas,
-        a request a replica failed goes to another one it has not tried (``Replicas.failed``).
+        Also returned: the seconds from the send (of the last attempt) to the answer, and with several replicas
+        the one that answered (a request a replica failed goes to another one: ``Replicas.failed``).
         """
         request_id = f"vllmclient-{uuid.uuid4().hex}"
         route = Route()
@@ -133,7 +133,7 @@ class Engine:
             break
         if claim.seconds is not None:
             self.sizer.observe(claim.seconds)
-        return data, request_id, claim.seconds
+        return data, request_id, claim.seconds, None if self.replicas.single else replica.base_url
 
     async def one(self, payload: Any, request: Request) -> GenerateOutput:
         """A single input; errors are raised (agenerate's contract)."""
@@ -154,26 +154,30 @@ class Engine:
         """
         if request.chat and len(payloads) == 1:
             (messages,) = payloads
-            data, request_id, seconds = await self.post("/chat/completions", request.with_messages(messages), request.n)
+            data, request_id, seconds, server = await self.post(
+                "/chat/completions", request.with_messages(messages), request.n
+            )
             outputs = [read(chat_output, data, request, request_id)]
             if request.keep_answer:
                 outputs[0]["answer"] = data
         elif request.chat:
-            data, request_id, seconds = await self.post(
+            data, request_id, seconds, server = await self.post(
                 "/chat/completions/batch", request.with_conversations(payloads), len(payloads)
             )
             outputs = read(batch_chat_outputs, data, len(payloads), request, request_id)
         else:
-            data, request_id, seconds = await self.post(
+            data, request_id, seconds, server = await self.post(
                 "/completions", request.with_prompts(payloads), len(payloads) * request.n
             )
             outputs = read(completion_outputs, data, len(payloads), request, request_id)
             if request.keep_answer:
                 for output, answer in zip(outputs, read(completion_alone, data, len(payloads), request.n), strict=True):
                     output["answer"] = answer
-        if seconds is not None:
-            for output in outputs:
+        for output in outputs:
+            if seconds is not None:
                 output["latency"] = seconds
+            if server is not None:
+                output["server"] = server
         return outputs
 
     async def stream(

@@ -160,7 +160,7 @@ async def check_tokenizer(
     (or a chat template that refuses the probe) is not checked.
     """
     try:
-        answer, _, _ = await engine.post(
+        answer, *_ = await engine.post(
             server.base_url.removesuffix("/v1") + "/tokenize",
             {"model": model, "messages": PROBE, "add_generation_prompt": True},
             sequences=0,

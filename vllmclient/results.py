@@ -33,6 +33,7 @@ class GenerateOutput(TypedDict):
 
     - ``latency``: seconds from that request's send (after any wait for a free slot) to its answer; the
       inputs packed into one request share it;
+    - ``server``: when ``base_url`` lists several servers, the one that answered (its ``.../v1`` address);
 
     - ``logprobs``: when requested; per generation, per generated token, the sampled token then the top ones;
     - ``prompt_logprobs``: when requested; per prompt token (``None`` for the first), the prompt's own token
@@ -54,6 +55,7 @@ class GenerateOutput(TypedDict):
     finish_reasons: list[str | None]
     request_id: str | None
     latency: NotRequired[float]
+    server: NotRequired[str]
     logprobs: NotRequired[list[list[list[Logprob]]]]
     prompt_logprobs: NotRequired[list[list[Logprob] | None]]
     tool_calls: NotRequired[list[list[dict[str, Any]] | None]]
