@@ -4,8 +4,10 @@ restarted, every replica down, a replica serving another model or down at load. 
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import logging
+import pickle
 import re
 import socket
 import threading
@@ -189,6 +191,7 @@ def test_a_replica_list_is_checked_and_saved_as_given() -> None:
     urls = ["http://127.0.0.1:8001", "http://127.0.0.1:8002/v1"]
     llm = ClientvLLM(base_url=urls)
     assert llm.base_url == urls and ClientvLLM.model_validate(llm.model_dump()).base_url == urls
+    assert pickle.loads(pickle.dumps(llm)).base_url == urls and copy.deepcopy(llm).base_url == urls
     assert ClientvLLM(base_url=" http://a:1 ").base_url == "http://a:1"  # one server: a str, as before
     for bad, expected in [([], "empty list"), (["http://a:1", "http://a:1/v1"], "more than once"),
                           (["http://a:1", "a:2"], "has no scheme")]:
