@@ -114,6 +114,7 @@ class Recorded:
     body: Any | None
     fault: str | None = None  # the injected fault this request got ("503", "reset", "delay", ...)
     at: float = 0.0  # time.monotonic() when it arrived
+    texts: list[str] | None = None  # /v1/completions: each prompt as text (token ids decoded, as the model reads them)
 
     @property
     def retry_count(self) -> int:
@@ -901,13 +902,29 @@ class FakeVLLM:
         with self._lock:
             self._faults.setdefault(path, deque()).append(fault)
 
-    def _take_fault(self, path: str, raw: bytes) -> _Fault | None:
-        """The first pending fault for ``path`` (then "*") that matches this request; uses one of its times."""
+    def _prompt_texts(self, body: Any) -> list[str] | None:
+        """The prompts of a completions body as text: token-id prompts decoded (ids out of range left out)."""
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if isinstance(prompt, str):
+            return [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            return None
+        items = [prompt] if all(isinstance(t, int) for t in prompt) else prompt
+        if not all(isinstance(item, (str, list)) for item in items):
+            return None
+        return [item if isinstance(item, str) else self._tok.decode(
+                    [t for t in item if isinstance(t, int) and 0 <= t < self._tok.vocab_size], skip_special_tokens=False)
+                for item in items]
+
+    def _take_fault(self, path: str, raw: bytes, texts: list[str] | None = None) -> _Fault | None:
+        """The first pending fault for ``path`` (then "*") that matches this request (its raw body, or a
+        prompt's text: token-id prompts match by what they decode to); uses one of its times."""
         with self._lock:
             for key in (path, "*"):
                 queue = self._faults.get(key, ())
                 for fault in queue:
-                    if fault.match is None or fault.match in raw:
+                    if (fault.match is None or fault.match in raw
+                            or any(fault.match in text.encode() for text in texts or ())):
                         fault.remaining -= 1
                         if fault.remaining <= 0:
                             queue.remove(fault)  # type: ignore[union-attr]
@@ -924,7 +941,8 @@ class FakeVLLM:
             except ValueError:
                 body = raw.decode("utf-8", "replace")
         headers = {k.lower(): v for k, v in request.headers.items()}
-        record = Recorded(request.method, request.path, headers, body, at=time.monotonic())
+        record = Recorded(request.method, request.path, headers, body, at=time.monotonic(),
+                          texts=self._prompt_texts(body) if request.path == "/v1/completions" else None)
         with self._lock:
             self.requests.append(record)
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
@@ -943,7 +961,7 @@ class FakeVLLM:
         guarded = self.api_key is not None and request.method != "OPTIONS" and path.startswith(_GUARDED_PREFIXES)
         if guarded and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return _json_response({"error": "Unauthorized"}, 401)
-        fault = self._take_fault(path, raw)
+        fault = self._take_fault(path, raw, record.texts)
         if fault is not None:
             record.fault = fault.name
             if fault.kind == "status":

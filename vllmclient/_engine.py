@@ -34,7 +34,8 @@ from .structured import invalid_slots
 logger = logging.getLogger("vllmclient")
 
 Prepare = Callable[[int, Any], Any]
-"""Turns input ``index`` into what is sent (a prompt str, or messages for chat); raises VLLMClientError."""
+"""Turns input ``index`` into what is sent (a prompt str or token ids, or messages for chat); raises
+VLLMClientError."""
 
 PACK_CAP = 32
 """Most prompts per request; beyond this the client saves little CPU and packs hold slots longer."""
@@ -293,6 +294,13 @@ class Engine:
         if len(pack) > 1 and not self.packs(request):
             parts = await asyncio.gather(*(self._send_pack([item], request) for item in pack))
             return [result for part in parts for result in part]
+        if not request.chat and len(pack) > 1:
+            texts = [item for item in pack if type(item[1]) is str]
+            if 0 < len(texts) < len(pack):  # vLLM's ``prompt`` is all text or all token ids: one request each
+                ids = [item for item in pack if type(item[1]) is not str]
+                parts = await asyncio.gather(self._send_pack(texts, request), self._send_pack(ids, request))
+                by_index = dict(parts[0] + parts[1])
+                return [(index, by_index[index]) for index, _ in pack]
         try:
             outputs = await self._generate([payload for _, payload in pack], request)
         except APIError as exc:  # includes an answer we cannot read

@@ -40,7 +40,7 @@ from ._stream import StreamEvent, check_streamable, stream_events
 from ._sync import LoopThread
 from .checkpoint import Checkpoint
 from .errors import ConfigurationError, InvalidInputError
-from .formatter import ChatFormatter, Conversation, prepare_for, resolve_magpie_template
+from .formatter import ChatFormatter, Input, prepare_for, resolve_magpie_template
 from .params import GenerationParams, parse_params
 from .results import GenerateOutput
 from .structured import from_distilabel, parse_spec
@@ -121,6 +121,14 @@ class ClientvLLM(BaseModel):
     use_magpie_template: bool = False
     magpie_pre_query_template: str | None = None
     tokenizer_check: Literal["warn", "error", "off"] = "warn"
+    send_token_ids: bool = False
+    """Render each conversation with the chat template, tokenize it on the client (as the server would:
+    ``add_special_tokens`` off, the template's BOS the only one) and send the token ids; ``/v1/completions``
+    takes them as they are, and the results are those of sending the text. The server's API process then
+    tokenizes nothing (about a quarter less of its CPU per prompt, measured) and the local length check counts
+    these ids; the client does the tokenizing instead. Off by default: on the real server it was not faster
+    end to end (benchmarks/offline_limit.py; see README, Performance). Ignored with ``tokenizer=None``; inputs
+    that are already token ids are sent as they are either way."""
     max_concurrency: int = Field(default=256, ge=1)
     pack_size: int | None = Field(default=None, ge=1, le=1024)
     """Most inputs per request; ``None`` adapts it to the server's speed. With ``tokenizer=None`` conversations
@@ -436,8 +444,13 @@ class ClientvLLM(BaseModel):
 
     # -- generation --------------------------------------------------------------------------------
 
-    async def agenerate(self, input: Conversation, num_generations: int = 1, **params: Any) -> GenerateOutput:
+    async def agenerate(self, input: Input, num_generations: int = 1, **params: Any) -> GenerateOutput:
         """Generate ``num_generations`` completions for one conversation; raises on failure.
+
+        ``input`` is a conversation (a list of ``{"role": ..., "content": ...}`` dicts, distilabel's format) or,
+        with a client-side ``tokenizer``, a prompt already rendered and tokenized: a list of token ids (ints),
+        sent as it is (checked against the tokenizer's vocabulary and the context length). The same holds for
+        every input of ``generate``, ``generate_outputs``, ``aiter_generate`` and ``stream``.
 
         ``params`` are the fields of ``vllmclient.GenerationParams`` (``max_new_tokens=128``,
         ``temperature=1.0``, ``top_p=1.0``, vLLM's sampling parameters, ``structured_outputs``, ``tools``,
@@ -446,22 +459,22 @@ class ClientvLLM(BaseModel):
         """
         return await self._loop.arun(self._agenerate_one(input, {"num_generations": num_generations, **params}))
 
-    async def _agenerate_one(self, conversation: Conversation, params: dict[str, Any]) -> GenerateOutput:
+    async def _agenerate_one(self, conversation: Input, params: dict[str, Any]) -> GenerateOutput:
         await self._setup()
         assert self._engine is not None
         request = self._request(params)
         return await self._engine.one(self._prepare_one(conversation, request), request)
 
-    def _prepare_one(self, conversation: Conversation, request: Request) -> Any:
+    def _prepare_one(self, conversation: Input, request: Request) -> Any:
         try:
-            return prepare_for(self._formatter, request)(0, conversation)
+            return prepare_for(self._formatter, request, send_token_ids=self.send_token_ids)(0, conversation)
         except Exception as exc:
             error = as_input_error(0, exc)  # ours, as in a bulk call
             if error is exc:
                 raise
             raise error from exc
 
-    def astream(self, input: Conversation, **params: Any) -> AsyncIterator[StreamEvent]:
+    def astream(self, input: Input, **params: Any) -> AsyncIterator[StreamEvent]:
         """Generate for one conversation, yielding the answer as it is written: ``TextDelta`` events, then
         one ``StreamEnd`` (finish reason, token counts, time to first token, latency, request id).
 
@@ -473,11 +486,11 @@ class ClientvLLM(BaseModel):
         """
         return self._loop.aiter(self._stream_one(input, params))
 
-    def stream(self, input: Conversation, **params: Any) -> Iterator[StreamEvent]:
+    def stream(self, input: Input, **params: Any) -> Iterator[StreamEvent]:
         """``astream`` for synchronous code: scripts, notebook cells, even code run inside an event loop."""
         return self._loop.iterate(self._stream_one(input, params))
 
-    async def _stream_one(self, conversation: Conversation, params: dict[str, Any]) -> AsyncGenerator[StreamEvent]:
+    async def _stream_one(self, conversation: Input, params: dict[str, Any]) -> AsyncGenerator[StreamEvent]:
         """Runs on the private loop."""
         await self._setup()
         assert self._engine is not None
@@ -493,7 +506,7 @@ class ClientvLLM(BaseModel):
 
     def generate(
         self,
-        inputs: Iterable[Conversation],
+        inputs: Iterable[Input],
         num_generations: int = 1,
         *,
         strict: bool = False,
@@ -519,7 +532,7 @@ class ClientvLLM(BaseModel):
 
     def generate_outputs(
         self,
-        inputs: Iterable[Conversation],
+        inputs: Iterable[Input],
         num_generations: int = 1,
         *,
         strict: bool = False,
@@ -541,7 +554,7 @@ class ClientvLLM(BaseModel):
 
     async def aiter_generate(
         self,
-        inputs: Iterable[Conversation],
+        inputs: Iterable[Input],
         num_generations: int = 1,
         *,
         progress: bool | None = None,
@@ -561,7 +574,7 @@ class ClientvLLM(BaseModel):
 
     async def _stream(
         self,
-        inputs: Iterable[Conversation],
+        inputs: Iterable[Input],
         num_generations: int,
         progress: bool | None,
         checkpoint: str | os.PathLike[str] | None,
@@ -580,8 +593,8 @@ class ClientvLLM(BaseModel):
             job = Checkpoint(checkpoint, request=request.body, tokenizer=self.tokenizer,
                              tokenizer_revision=self.tokenizer_revision, magpie_pre_query_template=magpie,
                              chat_template_kwargs=request.chat_template_kwargs, keep_outputs=keep_saved)
-        batches = run(self._engine, request, prepare_for(self._formatter, request), inputs, progress=progress,
-                      checkpoint=job)
+        prepare = prepare_for(self._formatter, request, send_token_ids=self.send_token_ids)
+        batches = run(self._engine, request, prepare, inputs, progress=progress, checkpoint=job)
         try:
             async for batch in batches:
                 yield batch

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import numbers
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, InvalidInputError, PromptTooLongError
+from .params import plain_int
 
 if TYPE_CHECKING:
     from ._request import Request
@@ -24,7 +26,9 @@ __all__ = [
     "MAGPIE_PRE_QUERY_TEMPLATES",
     "ChatFormatter",
     "Conversation",
+    "Input",
     "Message",
+    "TokenIds",
     "as_conversation",
     "validate_conversation",
 ]
@@ -33,6 +37,11 @@ logger = logging.getLogger("vllmclient")
 
 Message = Mapping[str, Any]
 Conversation = Sequence[Message]
+TokenIds = Sequence[int]
+Input = Conversation | TokenIds
+"""What a generate call takes per input: a conversation (distilabel's chat format, a list of message dicts),
+or a prompt already rendered and tokenized as a list of token ids (ints; an array of them too). The two
+cannot be mistaken for one another; token ids are sent as they are to /v1/completions (client template only)."""
 
 KNOWN_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "ipython", "function"})
 
@@ -308,6 +317,9 @@ class ChatFormatter:
         self.tokenizer = tokenizer
         self.magpie_pre_query_template = resolve_magpie_template(magpie_pre_query_template)
         self._bos = getattr(tokenizer, "bos_token", None) or ""
+        self.vocab_size: int = len(tokenizer)  # ids 0 .. vocab_size - 1, the added special tokens included
+        backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's Rust core: skips a Python layer
+        self._backend = backend if callable(getattr(backend, "encode", None)) else None
 
     @classmethod
     def from_pretrained(
@@ -358,7 +370,15 @@ class ChatFormatter:
 
     def count_tokens(self, prompt: str) -> int:
         """Token count of a rendered prompt as the server sees it (``add_special_tokens: false``)."""
-        return len(self.tokenizer.encode(prompt, add_special_tokens=False))
+        return len(self.encode(prompt))
+
+    def encode(self, prompt: str) -> list[int]:
+        """The token ids the server makes of a rendered prompt: ``add_special_tokens: false``, as the text path
+        sends it (the template's own BOS is the only one)."""
+        if self._backend is not None:
+            ids: list[int] = self._backend.encode(prompt, add_special_tokens=False).ids
+            return ids
+        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
 
     def check_prompt(
         self,
@@ -381,34 +401,103 @@ class ChatFormatter:
             raise unencodable(conversation, index) from None
         if max_model_len is None or size + 1 < max_model_len:
             return
-        count = self.count_tokens(prompt)
-        if kept(count) >= max_model_len:
-            raise PromptTooLongError(
-                f"input {index}: the prompt has {count} tokens but the model's maximum context length is "
-                f"{max_model_len} tokens, and the server needs room for at least one output token. Shorten this "
-                "input, pass truncate_prompt_tokens=..., or serve the model with a larger --max-model-len.",
-                max_model_len=max_model_len,
-                prompt_tokens=count,
-            )
+        check_length(self.count_tokens(prompt), index, max_model_len, kept, "prompt")
 
 
-def prepare_for(formatter: ChatFormatter | None, request: Request) -> Callable[[int, Any], Any]:
+def check_length(count: int, index: int, max_model_len: int | None, kept: Callable[[int], int], what: str) -> None:
+    """Fail a prompt of ``count`` tokens that leaves no room in the context for one output token (as vLLM
+    counts: what it keeps of the prompt must be below ``max_model_len``)."""
+    if max_model_len is not None and kept(count) >= max_model_len:
+        raise PromptTooLongError(
+            f"input {index}: the {what} has {count} tokens but the model's maximum context length is "
+            f"{max_model_len} tokens, and the server needs room for at least one output token. Shorten this "
+            "input, pass truncate_prompt_tokens=..., or serve the model with a larger --max-model-len.",
+            max_model_len=max_model_len,
+            prompt_tokens=count,
+        )
+
+
+def token_ids(value: Any) -> list[Any] | None:
+    """The token ids an input stands for, or ``None`` if it is no token-id input.
+
+    An input is a token-id prompt when it is a non-empty sequence (or array) whose first item is an int:
+    a conversation is a sequence of dicts, so the two cannot be mistaken for one another (an empty list
+    stays an empty conversation). The ids are not checked here (see ``check_token_ids``).
+    """
+    if type(value) is list:
+        if not value or type(value[0]) is dict:  # the usual conversation: decided at once
+            return None
+    elif _is_array(value):
+        value = value.tolist()  # a numpy scalar gives a scalar: no token-id input
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return None
+    if not value or not isinstance(value[0], numbers.Integral) or isinstance(value[0], bool):
+        return None
+    return value if type(value) is list else list(value)
+
+
+def check_token_ids(ids: list[Any], index: int, vocab_size: int | None) -> list[int]:
+    """The ids as plain ints, or ``InvalidInputError`` naming the input, the position and the rule.
+
+    vLLM takes ids from 0 to the vocabulary's largest; with the client's tokenizer known (``vocab_size``)
+    the upper bound is checked here too, so one bad input never costs its pack a round trip.
+    """
+    if not all(type(token) is int for token in ids):
+        ids = [plain_int(token) for token in ids]
+        for position, token in enumerate(ids):
+            if type(token) is not int:
+                raise InvalidInputError(
+                    f"input {index}: item {_short(token)} at position {position} of this token-id prompt is "
+                    f"{_type_name(token)}, not an int token id. A token-id input holds ints only (a conversation "
+                    "is a list of {'role': ..., 'content': ...} dicts)."
+                )
+    low, high = min(ids), max(ids)
+    top = None if vocab_size is None else vocab_size - 1
+    if low < 0 or (top is not None and high > top):
+        position, token = next((p, t) for p, t in enumerate(ids) if t < 0 or (top is not None and t > top))
+        bounds = f"0 to {top}" if top is not None else "0 or more"
+        raise InvalidInputError(
+            f"input {index}: token id {token} at position {position} is out of the vocabulary (ids {bounds}). "
+            "Use ids made by this model's tokenizer."
+        )
+    return ids
+
+
+def prepare_for(
+    formatter: ChatFormatter | None, request: Request, *, send_token_ids: bool = False
+) -> Callable[[int, Any], Any]:
     """The per-input step of a call: validate a conversation, then render its prompt and check it (client
     template), or pass its messages on (``formatter=None``: the server's template). Raises
     ``InvalidInputError`` / ``PromptTooLongError`` naming the input; runs once per input, so it stays lean.
+
+    An input may also be a list of token ids (see ``token_ids``): checked (ints, in the vocabulary, room for
+    output) and sent as it is. With ``send_token_ids``, each rendered prompt is tokenized here and its ids are
+    sent: the server then tokenizes nothing, and the length check counts those ids (nothing is tokenized twice).
     """
     if formatter is None:
 
         def as_messages(index: int, conversation: Any) -> Any:
+            if token_ids(conversation) is not None:
+                raise InvalidInputError(
+                    f"input {index} is a list of token ids, which only /v1/completions takes, and this client sends "
+                    "conversations to /v1/chat/completions (tokenizer=None). Create the client with tokenizer=... "
+                    "(the served model's) to send token ids."
+                )
             conversation = validate_conversation(conversation, index)
             check_encodable(conversation, index)  # else it would fail at the SDK, for its whole pack
             return conversation
 
         return as_messages
     allow_empty = formatter.magpie_pre_query_template is not None
-    template_kwargs, max_len = request.chat_template_kwargs, request.max_model_len
+    template_kwargs, max_len, kept = request.chat_template_kwargs, request.max_model_len, request.prompt_budget
+    vocab_size = formatter.vocab_size
 
-    def as_prompt(index: int, conversation: Any) -> str:
+    def as_prompt(index: int, conversation: Any) -> str | list[int]:
+        ids = token_ids(conversation)
+        if ids is not None:
+            ids = check_token_ids(ids, index, vocab_size)
+            check_length(len(ids), index, max_len, kept, "token-id prompt")
+            return ids
         conversation = validate_conversation(conversation, index, allow_empty=allow_empty)
         if any(len(message) > 2 for message in conversation):  # tool calls, names: what templates may render
             check_encodable(conversation, index)  # (role and content reach the prompt: check_prompt sees them)
@@ -420,7 +509,15 @@ def prepare_for(formatter: ChatFormatter | None, request: Request) -> Callable[[
                 f"input {index}: the model's chat template rejected this conversation "
                 f"({exc.__class__.__name__}: {exc}). Fix the conversation to fit the template."
             ) from exc
-        formatter.check_prompt(prompt, conversation, index, max_len, request.prompt_budget)
+        if send_token_ids:
+            try:
+                prompt.encode()
+            except UnicodeEncodeError:
+                raise unencodable(conversation, index) from None
+            ids = formatter.encode(prompt)
+            check_length(len(ids), index, max_len, kept, "prompt")
+            return ids
+        formatter.check_prompt(prompt, conversation, index, max_len, kept)
         return prompt
 
     return as_prompt
