@@ -298,8 +298,8 @@ class Engine:
             texts = [item for item in pack if type(item[1]) is str]
             if 0 < len(texts) < len(pack):  # vLLM's ``prompt`` is all text or all token ids: one request each
                 ids = [item for item in pack if type(item[1]) is not str]
-                parts = await asyncio.gather(self._send_pack(texts, request), self._send_pack(ids, request))
-                by_index = dict(parts[0] + parts[1])
+                text_part, ids_part = await asyncio.gather(self._send_pack(texts, request), self._send_pack(ids, request))
+                by_index = dict(text_part + ids_part)
                 return [(index, by_index[index]) for index, _ in pack]
         try:
             outputs = await self._generate([payload for _, payload in pack], request)
