@@ -225,3 +225,22 @@ def test_a_prompt_the_server_refuses_in_a_pack_of_ids_fails_alone(fake_vllm, tok
     assert len(sent_texts[0]) == 6 and "POISON" in sent_texts[0][3]
     assert [sent_texts[0][3]] in sent_texts[1:]  # split down to the guilty prompt alone
     assert all(isinstance(prompt, list) for pack in sent(fake_vllm) for prompt in pack)
+
+
+def test_token_id_inputs_resume_from_a_checkpoint(fake_vllm, tokenizer_dir, formatter, tmp_path):
+    ids = [ids_of(formatter, conversation) for conversation in CONVERSATIONS]
+    job = tmp_path / "job.jsonl"
+    with client(fake_vllm, tokenizer_dir, pack_size=8) as llm:
+        first = llm.generate(ids[:3], max_new_tokens=5, seed=1, checkpoint=job)
+        fake_vllm.clear()
+        again = llm.generate([np.array(row) for row in ids], max_new_tokens=5, seed=1, checkpoint=job)
+    assert [comparable(output) for output in again[:3]] == [comparable(output) for output in first]
+    assert sent(fake_vllm) == [ids[3:]]  # only what was missing
+
+
+def test_a_token_id_input_streams(fake_vllm, tokenizer_dir, formatter):
+    with client(fake_vllm, tokenizer_dir) as llm:
+        expected = "".join(getattr(event, "text", "") for event in llm.stream(CONVERSATIONS[2], max_new_tokens=8, seed=4))
+        got = "".join(getattr(event, "text", "") for event in llm.stream(ids_of(formatter, CONVERSATIONS[2]),
+                                                                          max_new_tokens=8, seed=4))
+    assert got == expected and got
