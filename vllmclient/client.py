@@ -126,9 +126,9 @@ class ClientvLLM(BaseModel):
     ``add_special_tokens`` off, the template's BOS the only one) and send the token ids; ``/v1/completions``
     takes them as they are, and the results are those of sending the text. The server's API process then
     tokenizes nothing (about a quarter less of its CPU per prompt, measured) and the local length check counts
-    these ids; the client does the tokenizing instead. Off by default: on the real server it was not faster
-    end to end (benchmarks/offline_limit.py; see README, Performance). Ignored with ``tokenizer=None``; inputs
-    that are already token ids are sent as they are either way."""
+    these ids; the client does the tokenizing instead. Off by default: on the real server it was not shown
+    faster end to end (benchmarks/offline_limit.py; see README, Performance). Ignored with ``tokenizer=None``;
+    inputs that are already token ids are sent as they are either way."""
     max_concurrency: int = Field(default=256, ge=1)
     pack_size: int | None = Field(default=None, ge=1, le=1024)
     """Most inputs per request; ``None`` adapts it to the server's speed. With ``tokenizer=None`` conversations
