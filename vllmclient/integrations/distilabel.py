@@ -39,6 +39,7 @@ from pydantic import (
 from .. import client as _core
 from .._bulk import log_failures
 from .._config import conceal
+from .._settings import default_api_key
 from ..errors import InvalidInputError
 from ..results import GenerationError, failed_output
 from ..structured import from_distilabel
@@ -69,7 +70,7 @@ class ClientvLLM(AsyncLLM, MagpieChatTemplateMixin):  # type: ignore[misc]  # di
         description="The base URL of the vLLM server, with or without /v1; or a list of servers of one model.",
     )
     api_key: RuntimeParameter[SecretStr] | None = Field(
-        default_factory=_core._default_api_key,
+        default_factory=default_api_key,
         description="The key the server was started with (--api-key); defaults to $VLLM_API_KEY. Never saved.",
     )
     max_retries: RuntimeParameter[int] = Field(
