@@ -40,6 +40,7 @@ class JobOutput:
         self.done_lines: set[int] = set()  # line numbers with a lasting error record
         self.dropped = 0  # records of an earlier run taken out to be run again (transient failures, a torn line)
         self._lock: IO[bytes] | None = None
+        self._locked = False  # this job holds the lock: the sidecar is its own to remove
         self._saved = False
         self._fd: int | None = None
 
@@ -68,6 +69,7 @@ class JobOutput:
                 ) from None
             except OSError:  # a file system without locks
                 pass
+        self._locked = True
         self._lock.seek(0)
         has_output = path.exists() and path.stat().st_size > 0
         self._saved = has_output and bool(self._lock.read(1))  # an identity without output guards nothing
@@ -164,8 +166,8 @@ class JobOutput:
                 os.close(self._fd)
                 self._fd = None
         if self._lock is not None:
-            if not began and os.fstat(self._lock.fileno()).st_size == 0:
-                self.sidecar.unlink(missing_ok=True)  # made only to lock it: the job never began
+            if self._locked and not began and os.fstat(self._lock.fileno()).st_size == 0:
+                self.sidecar.unlink(missing_ok=True)  # made only to lock it: the job never began (not another job's)
             self._lock.close()  # releases the lock
             self._lock = None
 
