@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ._job_output import JobOutput, identity
+from ._job_output import JobOutput, identity, sidecar_path
 from ._job_request import Call, plain_call, prompt_kind
 from .client import ClientvLLM
 from .errors import APIError, AuthenticationError, BadRequestError, ConfigurationError, ModelNotFoundError
@@ -121,6 +121,9 @@ def run_batch_file(
         raise ConfigurationError(f"cannot read the input {source} ({exc.strerror or exc}).") from exc
     summary = JobSummary(str(source), str(target))
     with reading:
+        if any(path.exists() and path.samefile(source) for path in (target, sidecar_path(target))):
+            raise ConfigurationError(f"the output {target} is the input {source}: a job appends its records to the "
+                                     "output, so choose another output file.")
         digest = _digest(reading)
         options = {  # what decides the answers; not the server's address, nor how fast it is asked
             "tokenizer": _local(client.tokenizer), "tokenizer_revision": client.tokenizer_revision,
