@@ -10,6 +10,7 @@ import pytest
 
 from vllmclient import ClientvLLM, ConfigurationError, run_batch_file
 from vllmclient._job_output import JobOutput, identity, sidecar_path
+from vllmclient.cli import main
 
 
 def write_lines(path: Path, lines: list[Any]) -> Path:
@@ -41,3 +42,34 @@ def test_a_second_run_refused_as_in_use_leaves_the_running_jobs_files_alone(clie
     first.write([{"id": "x", "custom_id": "a", "response": None, "error": None}])
     first.close()
     assert json.loads(sidecar_path(out).read_text())["input"] == "0" * 32
+
+
+@pytest.mark.parametrize("lines", [[chat("a", "hello")], []], ids=["input with lines", "empty input"])
+def test_an_output_that_is_the_input_itself_is_refused_as_such_and_left_alone(lines, client, tmp_path):
+    """``-o`` naming the input (or a link to it) would append records to the very file being read."""
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(source)
+    for out in (source, link):
+        with pytest.raises(ConfigurationError, match="is the input") as info:
+            run_batch_file(client, source, out, progress=False, max_new_tokens=4)
+        assert "choose another output" in str(info.value).lower()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl", "link.jsonl"]
+    assert source.read_text() == "".join(json.dumps(line) + "\n" for line in lines)
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--n", "0"), ("--temperature", "nan"), ("--max-tokens", "0"), ("--top-p", "2"), ("--stop", ""),
+    ("--max-concurrency", "0"), ("--timeout", "0"), ("--max-retries", "-1"), ("--chat-template-kwargs", "[1]"),
+])
+def test_a_bad_command_line_option_is_named_as_typed_and_nothing_is_written(option, value, fake_vllm, tmp_path,
+                                                                            capsys):
+    source = write_lines(tmp_path / "in.jsonl", [chat("a", "hello")])
+    argv = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url", fake_vllm.base_url,
+            "--no-progress", option, value]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}:" in err, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl"]

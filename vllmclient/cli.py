@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -71,30 +72,67 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tokenizer-revision")
     run.add_argument("--api-key-file", metavar="PATH", help="file holding the server's API key (default: $VLLM_API_KEY)")
     run.add_argument("--api-key", action=_RefuseKeyOnCommandLine, help=argparse.SUPPRESS)  # others see it with ps
-    run.add_argument("--max-concurrency", type=int, default=256, help="most sequences on the server at once (256)")
-    run.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take (120)")
-    run.add_argument("--max-retries", type=int, default=6, help="retries of a failed request by the SDK (6)")
+    run.add_argument("--max-concurrency", type=_number(int, 1), default=256,
+                     help="most sequences on the server at once (256)")
+    run.add_argument("--timeout", type=_number(float, 0, above=True), default=120.0,
+                     help="seconds a request may take (120)")
+    run.add_argument("--max-retries", type=_number(int, 0), default=6, help="retries of a failed request by the SDK (6)")
     run.add_argument("--summary-json", type=Path, metavar="PATH", help="also write the summary here, as JSON")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     sampling = run.add_argument_group("sampling for plain lines (batch lines carry their own in body)")
-    sampling.add_argument("--n", type=int, default=1, help="generations per line (1)")
+    sampling.add_argument("--n", type=_number(int, 1), default=1, help="generations per line (1)")
     for option, kind, _ in _SAMPLING:
         sampling.add_argument(option, type=kind, action="append" if option == "--stop" else "store")
     sampling.add_argument("--ignore-eos", action="store_true", default=None, help="generate max-tokens every time")
-    sampling.add_argument("--chat-template-kwargs", type=json.loads, metavar="JSON")
+    sampling.add_argument("--chat-template-kwargs", type=_json_object, metavar="JSON")
     return parser
+
+
+def _number(kind: type, least: float, *, above: bool = False) -> Any:
+    """An argparse type: a number >= (or >) ``least``, refused as the option typed rather than later by its field."""
+    rule = f"{'a number >' if above else 'an integer >='} {least}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < least or (above and value == least):
+            raise argparse.ArgumentTypeError(f"expected {rule}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
+    return value
 
 
 def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
     from .client import ClientvLLM
     from .errors import VLLMClientError
     from .jobs import run_batch_file
+    from .params import parse_params
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    params: dict[str, Any] = {name: getattr(options, option[2:].replace("-", "_")) for option, _, name in _SAMPLING}
-    params["chat_template_kwargs"] = options.chat_template_kwargs
-    params["ignore_eos"] = options.ignore_eos
-    params = {name: value for name, value in params.items() if value is not None}
+    given = [(option, name, getattr(options, option[2:].replace("-", "_"))) for option, _, name in _SAMPLING]
+    given += [("--chat-template-kwargs", "chat_template_kwargs", options.chat_template_kwargs),
+              ("--ignore-eos", "ignore_eos", options.ignore_eos)]
+    params: dict[str, Any] = {}
+    for option, name, value in given:
+        if value is None:
+            continue
+        try:  # each alone, so that the error names the option as typed
+            parse_params({name: value})
+        except VLLMClientError as exc:
+            parser.error(f"argument {option}: {exc}")
+        params[name] = value
     urls = options.base_url or ["http://localhost:8000"]
     settings: dict[str, Any] = {
         "base_url": urls[0] if len(urls) == 1 else urls, "model": options.model, "tokenizer": options.tokenizer,
