@@ -73,3 +73,21 @@ def test_a_bad_command_line_option_is_named_as_typed_and_nothing_is_written(opti
     err = capsys.readouterr().err
     assert f"argument {option}:" in err, err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_an_empty_completion_prompt_fails_its_line_as_vllm_fails_it_alone_and_is_not_sent(client, fake_vllm,
+                                                                                          tmp_path):
+    """vLLM refuses ``"prompt": ""`` sent alone (400), but answers it inside a list of prompts: packed with the
+    other lines it would get an answer its line alone never gets. It fails its line here, naming it."""
+    lines = [{"custom_id": name, "method": "POST", "url": "/v1/completions",
+              "body": {"model": "tiny-llama", "prompt": prompt, "max_tokens": 3}}
+             for name, prompt in [("empty", ""), ("full", "Once upon a time")]]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    summary = run_batch_file(client, source, tmp_path / "out.jsonl", progress=False)
+    got = {json.loads(line)["custom_id"]: json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()}
+    assert (summary.done, summary.failed) == (1, {"InvalidInputError": 1})
+    error = got["empty"]["error"]
+    assert error["message"].startswith("line 1: ") and "empty" in error["message"] and error["retryable"] is False
+    assert got["empty"]["response"] is None  # nothing was sent for it
+    assert all("" not in (r.body["prompt"] if isinstance(r.body["prompt"], list) else [r.body["prompt"]])
+               for r in fake_vllm.requests_to("/v1/completions"))

@@ -150,6 +150,9 @@ def _single(prompt: Any) -> Any:
 
 
 def _completion_prompt(index: int, prompt: Any) -> Any:
+    if prompt == "":  # vLLM refuses it alone, but answers it in a list: a pack would answer what alone fails
+        raise InvalidInputError(f"input {index}: the prompt is empty, which vLLM refuses; give it some text or token "
+                                "ids, or remove the line.")
     prompt = _single(prompt)
     if isinstance(prompt, str):
         fault = json_fault(prompt)
