@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,28 @@ def test_an_empty_completion_prompt_fails_its_line_as_vllm_fails_it_alone_and_is
     assert got["empty"]["response"] is None  # nothing was sent for it
     assert all("" not in (r.body["prompt"] if isinstance(r.body["prompt"], list) else [r.body["prompt"]])
                for r in fake_vllm.requests_to("/v1/completions"))
+
+
+def _keys(body: dict[str, Any]) -> dict[str, set[str]]:
+    choice = body["choices"][0]
+    return {"body": set(body), "choice": set(choice), "message": set(choice["message"]), "usage": set(body["usage"])}
+
+
+@pytest.mark.parametrize("extra", [{}, {"logprobs": True, "top_logprobs": 2}, {"n": 2, "temperature": 0.8}])
+def test_a_chat_line_rendered_with_the_tokenizer_has_every_field_of_the_servers_chat_answer(extra, fake_vllm,
+                                                                                            tokenizer_dir, tmp_path):
+    """With --tokenizer a chat line is sent as a completion and its answer reshaped as a chat answer: a reader of
+    body["choices"][0]["message"]["refusal"] or body["usage"]["completion_tokens_details"] must find it."""
+    line = {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "tiny-llama", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4,
+                     **extra}}
+    source = write_lines(tmp_path / "in.jsonl", [line])
+    with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=str(tokenizer_dir), max_retries=0) as llm:
+        run_batch_file(llm, source, tmp_path / "out.jsonl", progress=False)
+    (record,) = [json.loads(text) for text in (tmp_path / "out.jsonl").read_text().splitlines()]
+    request = urllib.request.Request(fake_vllm.base_url + line["url"], data=json.dumps(line["body"]).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as answer:
+        expected = json.loads(answer.read())
+    mine, theirs = _keys(record["response"]["body"]), _keys(expected)
+    assert {part: theirs[part] - mine[part] for part in theirs} == {part: set() for part in theirs}

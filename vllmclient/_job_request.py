@@ -200,9 +200,13 @@ def as_chat(answer: dict[str, Any]) -> dict[str, Any]:
         body["prompt_token_ids"] = body["prompt_token_ids"] or rest.pop("prompt_token_ids", None)
         rest.pop("prompt_logprobs", None)
         rest.pop("prompt_token_ids", None)
-        message = {"role": "assistant", "content": text, "tool_calls": [], "reasoning": None}
+        message = {"role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None,
+                   "function_call": None, "tool_calls": [], "reasoning": None}
         choices.append({"index": rest.pop("index"), "message": message, "logprobs": _chat_logprobs(logprobs), **rest})
     body["choices"] = choices
+    body.setdefault("prompt_text", None)  # a chat answer's own fields, null as the server's chat path leaves them
+    if isinstance(body.get("usage"), dict):
+        body["usage"] = {**body["usage"], "completion_tokens_details": body["usage"].get("completion_tokens_details")}
     return body
 
 
