@@ -117,3 +117,21 @@ def test_a_chat_line_rendered_with_the_tokenizer_has_every_field_of_the_servers_
         expected = json.loads(answer.read())
     mine, theirs = _keys(record["response"]["body"]), _keys(expected)
     assert {part: theirs[part] - mine[part] for part in theirs} == {part: set() for part in theirs}
+
+
+@pytest.mark.parametrize(("url", "fields", "named", "not_named"), [
+    ("/v1/completions", {"max_tokens": "5"}, "max_tokens='5'", "max_new_tokens"),
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens=0", "max_new_tokens"),
+    ("/v1/completions", {"n": "2"}, "n='2'", "num_generations"),
+    ("/v1/chat/completions", {"n": 2, "temperature": 0}, "n=2", "num_generations"),
+    ("/v1/chat/completions", {"max_completion_tokens": 100000}, "max_completion_tokens=100000", "max_new_tokens"),
+])
+def test_a_bad_body_field_is_named_as_the_line_wrote_it(url, fields, named, not_named, client, tmp_path):
+    """Body fields keep vLLM's names: the error names n and max_tokens, not the client's parameter names."""
+    prompt = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in url else {"prompt": "hi"}
+    line = {"custom_id": "x", "method": "POST", "url": url, "body": {"model": "tiny-llama", **prompt, **fields}}
+    source = write_lines(tmp_path / "in.jsonl", [line])
+    run_batch_file(client, source, tmp_path / "out.jsonl", progress=False)
+    (record,) = [json.loads(text) for text in (tmp_path / "out.jsonl").read_text().splitlines()]
+    message = record["error"]["message"]
+    assert message.startswith("line 1: ") and named in message and not_named not in message, message

@@ -457,7 +457,7 @@ REFUSED = [
     (completion_line("n", "x", echo=True), "echo"),
     (completion_line("o", [1, "a"]), "token ids"),
     (completion_line("p", "x", guided_regex="a+"), "guided"),
-    (completion_line("q", "x", max_tokens=5, n=0), "num_generations"),
+    (completion_line("q", "x", max_tokens=5, n=0), "n=0 is invalid"),  # named as the line wrote it
 ]
 
 

@@ -8,6 +8,7 @@ line leaves out are not sent, so the server's defaults apply as they would to th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,7 @@ _SERVER_CHAT = frozenset(
      "return_prompt_text"}
 )
 _DEFAULTED = ("temperature", "top_p", "frequency_penalty", "presence_penalty")  # the client always sends these
+_PARAM_NAMES = re.compile(r"\b(max_new_tokens|num_generations)\b")  # generate's names of body fields
 _NOT_TYPED = frozenset({"max_new_tokens", "extra_body", "structured_outputs_retries"})  # not vLLM request fields
 
 
@@ -58,6 +60,10 @@ class Call:
     def of(cls, client: ClientvLLM, url: str, body: Mapping[str, Any]) -> Call:
         try:
             return _batch_call(client, url, body)
+        except InvalidInputError as exc:  # named as the line wrote it, not as generate's parameters
+            tokens = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+            names = {"max_new_tokens": tokens, "num_generations": "n"}
+            return cls(None, None, _same, InvalidInputError(_PARAM_NAMES.sub(lambda m: names[m[0]], str(exc))))
         except VLLMClientError as exc:
             return cls(None, None, _same, exc)
 
