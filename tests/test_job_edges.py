@@ -135,3 +135,18 @@ def test_a_bad_body_field_is_named_as_the_line_wrote_it(url, fields, named, not_
     (record,) = [json.loads(text) for text in (tmp_path / "out.jsonl").read_text().splitlines()]
     message = record["error"]["message"]
     assert message.startswith("line 1: ") and named in message and not_named not in message, message
+
+
+def test_a_line_nested_too_deeply_for_json_fails_alone(client, tmp_path):
+    """json.loads raises RecursionError (not ValueError) past ~1000 levels: that line fails, the job goes on."""
+    deep = "[" * 100_000 + "]" * 100_000
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join([json.dumps(chat("ok", "hello")), deep,
+                                 '{"custom_id": "deep", "messages": ' + deep + "}"]) + "\n")
+    summary = run_batch_file(client, source, tmp_path / "out.jsonl", progress=False, max_new_tokens=3)
+    got = {json.loads(line)["custom_id"]: json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()}
+    assert (summary.done, summary.failed) == (1, {"InvalidLineError": 2})
+    assert got["ok"]["error"] is None
+    for custom_id, number in (("line-2", 2), ("line-3", 3)):
+        assert got[custom_id]["error"]["message"].startswith(f"line {number}: ")
+        assert "nested too deeply" in got[custom_id]["error"]["message"]

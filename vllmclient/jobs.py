@@ -284,6 +284,8 @@ def parse_line(raw: bytes, default_id: str) -> tuple[str, str | None, dict[str, 
         value = json.loads(raw)
     except ValueError as exc:
         raise _LineError(f"not a JSON value ({exc})") from None
+    except RecursionError:
+        raise _LineError("its JSON is nested too deeply to read; flatten it") from None
     if isinstance(value, list):
         return default_id, None, None, value
     if not isinstance(value, dict):
@@ -320,7 +322,7 @@ def parse_line(raw: bytes, default_id: str) -> tuple[str, str | None, dict[str, 
 def _custom_id_of(raw: bytes, default_id: str) -> str:
     try:
         custom_id = json.loads(raw).get("custom_id")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return default_id
     return custom_id if isinstance(custom_id, str) and custom_id else default_id
 
