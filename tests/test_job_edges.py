@@ -150,3 +150,24 @@ def test_a_line_nested_too_deeply_for_json_fails_alone(client, tmp_path):
     for custom_id, number in (("line-2", 2), ("line-3", 3)):
         assert got[custom_id]["error"]["message"].startswith(f"line {number}: ")
         assert "nested too deeply" in got[custom_id]["error"]["message"]
+
+
+def test_a_custom_id_or_field_with_a_lone_surrogate_is_recorded_and_resumed(client, fake_vllm, tmp_path):
+    """JSON may escape a lone surrogate ("\\ud800"), which UTF-8 cannot encode: its record is written escaped (still
+    JSON, read back as the same custom_id), not a UnicodeEncodeError that ends the whole job."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join([
+        json.dumps(chat("ok", "hello")),
+        '{"custom_id": "sur\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+        '{"custom_id": "bad\\udfff", "messages": "not a conversation"}',
+        '{"custom_id": "role", "messages": [{"role": "\\ud800", "content": "hi"}]}',
+    ]) + "\n")
+    out = tmp_path / "out.jsonl"
+    summary = run_batch_file(client, source, out, progress=False, max_new_tokens=3)
+    assert (summary.done, sum(summary.failed.values())) == (2, 2)
+    got = {json.loads(line)["custom_id"]: json.loads(line) for line in out.read_bytes().split(b"\n") if line}
+    assert set(got) == {"ok", "sur\ud800", "bad\udfff", "role"}
+    assert got["sur\ud800"]["error"] is None and got["bad\udfff"]["error"]["line"] == 3
+    fake_vllm.clear()
+    again = run_batch_file(client, source, out, progress=False, max_new_tokens=3)
+    assert (again.already_done, again.done) == (4, 0) and not fake_vllm.requests_to("/v1/chat/completions")

@@ -147,7 +147,7 @@ class JobOutput:
     def write(self, records: list[dict[str, Any]]) -> None:
         """Append whole lines at once (one ``write``), so a kill leaves at most the last one torn."""
         assert self._fd is not None
-        data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode()
+        data = b"".join(map(_line, records))
         try:
             while data:
                 data = data[os.write(self._fd, data):]
@@ -174,6 +174,13 @@ class JobOutput:
 
 def identity(input_digest: str, input_path: Path, options: Mapping[str, Any]) -> dict[str, Any]:
     return {"format": _FORMAT, "input": input_digest, "input_path": str(input_path), "options": dict(options)}
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:  # a lone surrogate from the input ("\\ud800" in its JSON): kept escaped, as it came
+        return (json.dumps(record) + "\n").encode()
 
 
 def _record(line: bytes) -> dict[str, Any] | None:
