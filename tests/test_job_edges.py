@@ -171,3 +171,24 @@ def test_a_custom_id_or_field_with_a_lone_surrogate_is_recorded_and_resumed(clie
     fake_vllm.clear()
     again = run_batch_file(client, source, out, progress=False, max_new_tokens=3)
     assert (again.already_done, again.done) == (4, 0) and not fake_vllm.requests_to("/v1/chat/completions")
+
+
+def test_the_summary_json_goes_where_asked_or_fails_clearly(fake_vllm, tmp_path, capsys):
+    """Its folder is made as the output's is; a directory is refused before the job; a path that cannot be written
+    (under a file) is a clear error after the job, whose summary was printed anyway, never a traceback."""
+    source = write_lines(tmp_path / "in.jsonl", [chat("a", "hello")])
+
+    def run(summary: Path, out: str) -> int:
+        return main(["run", str(source), "-o", str(tmp_path / out), "--base-url", fake_vllm.base_url,
+                     "--no-progress", "--max-tokens", "3", "--summary-json", str(summary)])
+
+    assert run(tmp_path / "new" / "dir" / "summary.json", "a.jsonl") == 0
+    assert json.loads((tmp_path / "new" / "dir" / "summary.json").read_text())["done"] == 1
+    with pytest.raises(SystemExit) as info:
+        run(tmp_path, "b.jsonl")
+    assert info.value.code == 2 and "argument --summary-json" in capsys.readouterr().err
+    assert not (tmp_path / "b.jsonl").exists()
+    assert run(source / "summary.json", "c.jsonl") == 1
+    err = capsys.readouterr().err
+    assert "1 inputs" in err and f"could not write the summary to {source / 'summary.json'}" in err
+    assert "Traceback" not in err and (tmp_path / "c.jsonl").read_text().count("\n") == 1

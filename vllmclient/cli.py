@@ -133,6 +133,9 @@ def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
         except VLLMClientError as exc:
             parser.error(f"argument {option}: {exc}")
         params[name] = value
+    if options.summary_json is not None and options.summary_json.is_dir():
+        parser.error(f"argument --summary-json: {options.summary_json} is a directory; pass a file path, such as "
+                     f"{options.summary_json / 'summary.json'}")
     urls = options.base_url or ["http://localhost:8000"]
     settings: dict[str, Any] = {
         "base_url": urls[0] if len(urls) == 1 else urls, "model": options.model, "tokenizer": options.tokenizer,
@@ -160,7 +163,13 @@ def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
             client.close()
     print(summary, file=sys.stderr, flush=True)
     if options.summary_json is not None:
-        options.summary_json.write_text(json.dumps(summary.as_dict(), indent=1) + "\n")
+        try:
+            options.summary_json.parent.mkdir(parents=True, exist_ok=True)
+            options.summary_json.write_text(json.dumps(summary.as_dict(), indent=1) + "\n")
+        except OSError as exc:
+            print(f"error: could not write the summary to {options.summary_json} ({exc.strerror or exc}); it is "
+                  f"printed above, and {options.output} holds every record.", file=sys.stderr, flush=True)
+            return 1
     return 0
 
 
