@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,18 @@ def test_the_summary_json_goes_where_asked_or_fails_clearly(fake_vllm, tmp_path,
     err = capsys.readouterr().err
     assert "1 inputs" in err and f"could not write the summary to {source / 'summary.json'}" in err
     assert "Traceback" not in err and (tmp_path / "c.jsonl").read_text().count("\n") == 1
+
+
+def test_an_input_that_is_a_pipe_is_refused_clearly_before_anything_is_written(client, tmp_path):
+    """A job reads its input twice (fingerprint, then each line by its offset): a pipe (/dev/stdin, <(...)) cannot
+    be read so; the error says so and what to do, instead of io.UnsupportedOperation from deep inside."""
+    read, write = os.pipe()
+    os.write(write, (json.dumps(chat("a", "hello")) + "\n").encode())
+    os.close(write)
+    try:
+        with pytest.raises(ConfigurationError, match="not a regular file") as info:
+            run_batch_file(client, f"/dev/fd/{read}", tmp_path / "out.jsonl", progress=False, max_new_tokens=3)
+    finally:
+        os.close(read)
+    assert "save it to a file" in str(info.value)
+    assert list(tmp_path.iterdir()) == []

@@ -121,6 +121,10 @@ def run_batch_file(
         raise ConfigurationError(f"cannot read the input {source} ({exc.strerror or exc}).") from exc
     summary = JobSummary(str(source), str(target))
     with reading:
+        if not reading.seekable():
+            raise ConfigurationError(f"the input {source} is not a regular file (a pipe?): a job reads it twice, to "
+                                     "fingerprint it and then line by line, and resumes by its contents; save it to a "
+                                     "file and pass that.")
         if any(path.exists() and path.samefile(source) for path in (target, sidecar_path(target))):
             raise ConfigurationError(f"the output {target} is the input {source}: a job appends its records to the "
                                      "output, so choose another output file.")
