@@ -126,6 +126,12 @@ def test_a_chat_line_rendered_with_the_tokenizer_has_every_field_of_the_servers_
     ("/v1/completions", {"n": "2"}, "n='2'", "num_generations"),
     ("/v1/chat/completions", {"n": 2, "temperature": 0}, "n=2", "num_generations"),
     ("/v1/chat/completions", {"max_completion_tokens": 100000}, "max_completion_tokens=100000", "max_new_tokens"),
+    ("/v1/chat/completions", {"guided_json": {"type": "object"}}, "the body field 'guided_json'", "extra_body"),
+    ("/v1/completions", {"guided_choice": ["a"]}, "the body field 'guided_choice'", "structured_outputs="),
+    ("/v1/chat/completions", {"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}},
+     "structured_outputs and the body field 'response_format'", "extra_body"),
+    ("/v1/chat/completions", {"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}},
+     "structured_outputs and the body field 'response_format'", "structured_outputs="),
 ])
 def test_a_bad_body_field_is_named_as_the_line_wrote_it(url, fields, named, not_named, client, tmp_path):
     """Body fields keep vLLM's names: the error names n and max_tokens, not the client's parameter names."""

@@ -43,7 +43,13 @@ _SERVER_CHAT = frozenset(
      "return_prompt_text"}
 )
 _DEFAULTED = ("temperature", "top_p", "frequency_penalty", "presence_penalty")  # the client always sends these
-_PARAM_NAMES = re.compile(r"\b(max_new_tokens|num_generations)\b")  # generate's names of body fields
+_MAX_NEW_TOKENS = re.compile(r"\bmax_new_tokens\b")
+# generate's words for what a line holds as body fields: its parameters, extra_body, typed structured_outputs=
+_TERMS = [(re.compile(pattern), words) for pattern, words in [
+    (r" \(or the typed structured_outputs= parameter\)", ""), (r"\bstructured_outputs=(?=\{)", "structured_outputs: "),
+    (r"\bstructured_outputs=", "structured_outputs"), (r"\bextra_body (?=['a-z])", "the body field "),
+    (r"\bnum_generations\b", "n"),
+]]
 _NOT_TYPED = frozenset({"max_new_tokens", "extra_body", "structured_outputs_retries"})  # not vLLM request fields
 
 
@@ -60,12 +66,18 @@ class Call:
     def of(cls, client: ClientvLLM, url: str, body: Mapping[str, Any]) -> Call:
         try:
             return _batch_call(client, url, body)
-        except InvalidInputError as exc:  # named as the line wrote it, not as generate's parameters
-            tokens = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-            names = {"max_new_tokens": tokens, "num_generations": "n"}
-            return cls(None, None, _same, InvalidInputError(_PARAM_NAMES.sub(lambda m: names[m[0]], str(exc))))
+        except InvalidInputError as exc:
+            return cls(None, None, _same, InvalidInputError(_in_body_terms(str(exc), body)))
         except VLLMClientError as exc:
             return cls(None, None, _same, exc)
+
+
+def _in_body_terms(message: str, body: Mapping[str, Any]) -> str:
+    """An error about a line's body, named as the line wrote it rather than in ``generate``'s terms."""
+    tokens = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    for pattern, words in [*_TERMS, (_MAX_NEW_TOKENS, tokens)]:
+        message = pattern.sub(words, message)
+    return message
 
 
 def plain_call(client: ClientvLLM, params: Mapping[str, Any]) -> Call:
