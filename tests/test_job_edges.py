@@ -214,3 +214,19 @@ def test_an_input_that_is_a_pipe_is_refused_clearly_before_anything_is_written(c
         os.close(read)
     assert "save it to a file" in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("options", "named", "not_named"), [
+    (["--n", "2", "--temperature", "0"], "--n 2", "num_generations"),
+    (["--min-tokens", "50", "--max-tokens", "10"], "--max-tokens 10", "max_new_tokens"),
+    (["--max-tokens", "5000"], "--max-tokens 5000", "max_new_tokens"),
+])
+def test_options_that_fail_together_are_named_as_typed(options, named, not_named, fake_vllm, tmp_path, capsys):
+    source = write_lines(tmp_path / "in.jsonl", [chat("a", "hello")])
+    argv = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url", fake_vllm.base_url, "--no-progress",
+            *options]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and named in err and not_named not in err, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl"]

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -116,7 +117,7 @@ def _json_object(text: str) -> dict[str, Any]:
 
 def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
     from .client import ClientvLLM
-    from .errors import VLLMClientError
+    from .errors import InvalidInputError, VLLMClientError
     from .jobs import run_batch_file
     from .params import parse_params
 
@@ -155,6 +156,8 @@ def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nStopped. {resume}", file=sys.stderr, flush=True)
         return _INTERRUPTED
+    except InvalidInputError as exc:  # options that fail together (checked before the job begins)
+        parser.error(_as_options(str(exc)))
     except VLLMClientError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -171,6 +174,14 @@ def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
                   f"printed above, and {options.output} holds every record.", file=sys.stderr, flush=True)
             return 1
     return 0
+
+
+def _as_options(message: str) -> str:
+    """A message about generate's parameters, with the command line's options instead (``--n 2``)."""
+    for option, name in [*((option, name) for option, _, name in _SAMPLING), ("--n", "num_generations")]:
+        message = re.sub(rf"\b{name}=", f"{option} ", message)
+        message = re.sub(rf"(?<![-\w]){name}\b", option, message)
+    return message
 
 
 def _interrupt(signum: int, frame: object) -> None:
