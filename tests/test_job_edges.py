@@ -230,3 +230,25 @@ def test_options_that_fail_together_are_named_as_typed(options, named, not_named
     err = capsys.readouterr().err
     assert info.value.code == 2 and named in err and not_named not in err, err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_a_job_resumed_against_a_server_of_another_model_is_refused(fake_vllm, make_fake_vllm, tmp_path):
+    """The server's address may change between runs, its model may not: the lines run again would be answered by
+    another model than the records kept, in one output. Refused, naming both, and nothing written."""
+    source = write_lines(tmp_path / "in.jsonl", [chat(f"q{i}", f"question {i}") for i in range(4)])
+    out = tmp_path / "out.jsonl"
+    fake_vllm.fail_next(503, path="*", times=1, match="question 3")
+    with ClientvLLM(base_url=fake_vllm.base_url, max_retries=0) as llm:
+        first = run_batch_file(llm, source, out, progress=False, max_new_tokens=3)
+    assert (first.done, first.retryable) == (3, 1)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    other = make_fake_vllm(models=[{"id": "other-model", "max_model_len": 1024}])
+    with ClientvLLM(base_url=other.base_url, max_retries=0) as llm, pytest.raises(ConfigurationError) as info:
+        run_batch_file(llm, source, out, progress=False, max_new_tokens=3)
+    assert "'tiny-llama'" in str(info.value) and "'other-model'" in str(info.value)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert not other.requests_to("/v1/chat/completions")
+    moved = make_fake_vllm()  # the same model elsewhere: resumed
+    with ClientvLLM(base_url=moved.base_url, max_retries=0) as llm:
+        again = run_batch_file(llm, source, out, progress=False, max_new_tokens=3)
+    assert (again.already_done, again.done) == (3, 1)

@@ -42,6 +42,7 @@ class JobOutput:
         self._lock: IO[bytes] | None = None
         self._locked = False  # this job holds the lock: the sidecar is its own to remove
         self._saved = False
+        self._before: dict[str, Any] = {}  # the identity an earlier run saved
         self._fd: int | None = None
 
     def check(self) -> None:
@@ -106,6 +107,8 @@ class JobOutput:
             before = json.loads(saved)
         except ValueError:
             before = None
+        if isinstance(before, dict):
+            self._before = before
         if not isinstance(before, dict) or before.get("format") != _FORMAT:
             raise ConfigurationError(
                 f"{self.sidecar} is not a vllmclient job file (or a damaged one), so {self.path} cannot be resumed; "
@@ -127,6 +130,16 @@ class JobOutput:
                 f"output {self.path} was written for another job ({'; '.join(differences)}); it was left as it is. "
                 "Run the same input and options to resume it, or choose another output file."
             )
+
+    def served(self, model: str) -> None:
+        """Once the client knows the served model: the records kept and the lines run now answered by one model."""
+        then = self._before.get("served_model")
+        if then is not None and then != model:
+            raise ConfigurationError(
+                f"output {self.path} holds answers of the model {then!r}, and the server now serves {model!r}; it was "
+                f"left as it is. Resume it against a server of {then!r}, or choose another output file."
+            )
+        self.identity["served_model"] = model
 
     def _read_done(self) -> None:
         """Note what is done, and count the lines to take out: torn or damaged, or a transient failure."""

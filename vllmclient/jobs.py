@@ -139,6 +139,7 @@ def run_batch_file(
         job.check()
         try:
             client.load()
+            job.served(client.model_name)
             plain = plain_call(client, {**params, "num_generations": num_generations})
             job.begin()
             groups, failures = _plan(_lines(reading), job, plain, summary)
