@@ -252,3 +252,31 @@ def test_a_job_resumed_against_a_server_of_another_model_is_refused(fake_vllm, m
     with ClientvLLM(base_url=moved.base_url, max_retries=0) as llm:
         again = run_batch_file(llm, source, out, progress=False, max_new_tokens=3)
     assert (again.already_done, again.done) == (3, 1)
+
+
+@pytest.mark.parametrize("top", [None, 0, 2])
+def test_a_rendered_chat_lines_top_logprobs_hold_as_many_as_the_servers_chat_answer(top, fake_vllm, tokenizer_dir,
+                                                                                    tmp_path):
+    """A completion's top_logprobs hold the sampled token and the top k (k + 1 when it is not among them); a chat
+    answer's hold the first k of those (none without top_logprobs). A rendered chat line's record is the chat's."""
+    extra = {} if top is None else {"top_logprobs": top}
+    line = {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "tiny-llama", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6,
+                     "temperature": 1.0, "seed": 3, "logprobs": True, **extra}}
+    source = write_lines(tmp_path / "in.jsonl", [line])
+    with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=str(tokenizer_dir), max_retries=0) as llm:
+        run_batch_file(llm, source, tmp_path / "out.jsonl", progress=False)
+    (record,) = [json.loads(text) for text in (tmp_path / "out.jsonl").read_text().splitlines()]
+    content = record["response"]["body"]["choices"][0]["logprobs"]["content"]
+    assert content and all(len(step["top_logprobs"]) == (top or 0) for step in content)
+    assert all(step["top_logprobs"][0]["token"] == step["token"] for step in content if top)
+
+
+def test_a_rendered_plain_lines_top_logprobs_hold_as_many_as_asked(fake_vllm, tokenizer_dir, tmp_path):
+    source = write_lines(tmp_path / "in.jsonl", [chat("p", "Hello")])
+    with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=str(tokenizer_dir), max_retries=0) as llm:
+        run_batch_file(llm, source, tmp_path / "out.jsonl", progress=False, max_new_tokens=6, temperature=1.0,
+                       seed=3, logprobs=2)
+    (record,) = [json.loads(text) for text in (tmp_path / "out.jsonl").read_text().splitlines()]
+    content = record["response"]["body"]["choices"][0]["logprobs"]["content"]
+    assert content and all(len(step["top_logprobs"]) == 2 for step in content)

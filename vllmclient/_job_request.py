@@ -90,7 +90,7 @@ def plain_call(client: ClientvLLM, params: Mapping[str, Any]) -> Call:
         )
     chat = request.chat
     return Call(request, prepare_for(client._formatter, request),
-                lambda answer: _strip_ids(answer if chat else as_chat(answer), chat=True))
+                lambda answer: _strip_ids(answer if chat else as_chat(answer, request.logprobs), chat=True))
 
 
 def prompt_kind(url: str | None, payload: Any) -> str:
@@ -157,7 +157,7 @@ def _batch_call(client: ClientvLLM, url: str, body: Mapping[str, Any]) -> Call:
         return Call(request, _completion_prompt, lambda answer: _strip_ids(answer, chat=False, asked=asked_ids))
     if templated:
         return Call(request, prepare_for(client._formatter, request),
-                    lambda answer: _strip_ids(as_chat(answer), chat=True, asked=asked_ids))
+                    lambda answer: _strip_ids(as_chat(answer, top or 0), chat=True, asked=asked_ids))
     return Call(request, prepare_for(None, request), lambda answer: _strip_ids(answer, chat=True, asked=asked_ids))
 
 
@@ -203,8 +203,9 @@ def _strip_ids(answer: dict[str, Any], *, chat: bool, asked: bool = False) -> di
     return answer
 
 
-def as_chat(answer: dict[str, Any]) -> dict[str, Any]:
-    """A completion answered for a conversation the client rendered, in the chat answer's shape (every field kept)."""
+def as_chat(answer: dict[str, Any], top: int | None) -> dict[str, Any]:
+    """A completion answered for a conversation the client rendered, in the chat answer's shape (every field kept);
+    ``top``: the top logprobs asked for, which a chat answer holds (a completion's hold the sampled token too)."""
     body = {name: value for name, value in answer.items() if name != "choices"}
     body["object"] = "chat.completion"
     if isinstance(body.get("id"), str) and body["id"].startswith("cmpl-"):
@@ -220,7 +221,7 @@ def as_chat(answer: dict[str, Any]) -> dict[str, Any]:
         rest.pop("prompt_token_ids", None)
         message = {"role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None,
                    "function_call": None, "tool_calls": [], "reasoning": None}
-        choices.append({"index": rest.pop("index"), "message": message, "logprobs": _chat_logprobs(logprobs), **rest})
+        choices.append({"index": rest.pop("index"), "message": message, "logprobs": _chat_logprobs(logprobs, top), **rest})
     body["choices"] = choices
     body.setdefault("prompt_text", None)  # a chat answer's own fields, null as the server's chat path leaves them
     if isinstance(body.get("usage"), dict):
@@ -228,17 +229,17 @@ def as_chat(answer: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def _chat_logprobs(logprobs: dict[str, Any] | None) -> dict[str, Any] | None:
+def _chat_logprobs(logprobs: dict[str, Any] | None, top: int | None) -> dict[str, Any] | None:
     """Completions' ``{tokens, token_logprobs, top_logprobs}`` → chat's ``{content: [{token, logprob, bytes, top_logprobs}]}``."""
     if not logprobs:
         return None
     tops = logprobs.get("top_logprobs") or [None] * len(logprobs.get("tokens") or [])
     content = []
-    for token, logprob, top in zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or [], tops,
-                                   strict=False):
+    for token, logprob, step in zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or [], tops,
+                                    strict=False):
         content.append({
             "token": token, "logprob": logprob, "bytes": list(token.encode(errors="replace")),
             "top_logprobs": [{"token": alt, "logprob": value, "bytes": list(alt.encode(errors="replace"))}
-                             for alt, value in (top or {}).items()],
+                             for alt, value in list((step or {}).items())[:top]],
         })
     return {"content": content}

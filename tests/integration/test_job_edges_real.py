@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,25 @@ def test_an_empty_completion_prompt_fails_its_line_as_the_server_fails_it_alone(
     got = {record["custom_id"]: record for record in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
     assert got["full"]["error"] is None
     assert got["empty"]["error"] is not None and got["empty"]["error"]["line"] == 1
+
+
+@pytest.mark.parametrize("top", [None, 2])
+def test_a_rendered_chat_lines_logprobs_are_the_servers_chat_answer(vllm_server: LocalServer, top: int | None,
+                                                                   tmp_path: Path) -> None:
+    """With --tokenizer a chat line goes as a completion; its record's logprobs are what vLLM's chat path answers the
+    line alone (a completion's top_logprobs also hold the sampled token when it is not among the top k)."""
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 12,
+            "temperature": 1.5, "seed": 11, "logprobs": True, **({} if top is None else {"top_logprobs": top})}
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"custom_id": "c", "method": "POST", "url": "/v1/chat/completions", "body": body})
+                      + "\n")
+    with ClientvLLM(base_url=vllm_server.base_url, tokenizer=str(vllm_server.model_dir)) as llm:
+        run_batch_file(llm, source, tmp_path / "out.jsonl", progress=False)
+    (record,) = map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())
+    request = urllib.request.Request(vllm_server.base_url + "/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as answer:
+        alone = json.loads(answer.read())
+    mine, theirs = record["response"]["body"]["choices"][0], alone["choices"][0]
+    assert mine["message"]["content"] == theirs["message"]["content"]
+    assert mine["logprobs"] == theirs["logprobs"]
