@@ -193,6 +193,17 @@ def test_bad_lines_and_failed_requests_become_error_records_naming_their_line(cl
     assert (tmp_path / "out.jsonl").read_bytes() == before and fake_vllm.requests_to("/v1/completions") == []
 
 
+def test_a_custom_id_is_taken_by_its_first_line_even_when_that_line_is_invalid(client, fake_vllm, tmp_path):
+    lines = [{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "m"}},  # no prompt
+             completion_line("a", "hello"), completion_line("line-4", "x"), {"messages": [{"role": "user",
+                                                                                           "content": "y"}]}]
+    run_batch_file(client, write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl", progress=False)
+    got = {record["error"]["line"]: record["error"]["type"] for record in records(tmp_path / "out.jsonl")
+           if record["error"] is not None}
+    assert got == {1: "InvalidLineError", 2: "DuplicateCustomIdError", 4: "DuplicateCustomIdError"}
+    assert len(records(tmp_path / "out.jsonl")) == 4
+
+
 def test_fields_a_line_leaves_out_are_not_sent(client, fake_vllm, tmp_path):
     lines = [completion_line("a", "hello"), chat_line("b", "hello")]
     run_batch_file(client, write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl", progress=False)

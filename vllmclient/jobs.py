@@ -189,7 +189,7 @@ def _plan(lines: Iterator[tuple[int, int, bytes]], job: JobOutput, plain: Call,
         failure: dict[str, Any] | None = None
         try:
             custom_id, url, body, payload = parse_line(raw, default_id)
-        except _LineError as exc:
+        except _LineError as exc:  # its custom_id is still taken: a later line with it would be a second record
             custom_id, url, body = _custom_id_of(raw, default_id), None, None
             failure = failure_record(custom_id, number, "InvalidLineError", str(exc))
         else:
@@ -197,7 +197,7 @@ def _plan(lines: Iterator[tuple[int, int, bytes]], job: JobOutput, plain: Call,
                 failure = failure_record(custom_id, number, "DuplicateCustomIdError",
                                          f"custom_id {custom_id!r} was used by an earlier line; each line needs its "
                                          "own (only the first was run)")
-            seen.add(custom_id)
+        seen.add(custom_id)
         if done or (failure is None and custom_id in job.done_ids):
             summary.already_done += 1
             continue
