@@ -21,6 +21,8 @@ from typing import Any
 import httpx2
 import openai
 
+from .errors import causes
+
 __all__ = ["Capacity", "HTTPClient", "Ticket", "http_client", "refused", "ticket"]
 
 logger = logging.getLogger("vllmclient")
@@ -175,8 +177,7 @@ class _SendOnce(httpx2.AsyncBaseTransport):
         except httpx2.ReadTimeout as exc:
             raise openai.APITimeoutError(request=request) from exc
         except httpx2.TransportError as exc:
-            causes = _causes(exc)
-            if any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes):
+            if any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes(exc)):
                 raise openai.APIConnectionError(request=request) from exc
             if self.refused is not None and refused(exc):
                 error = openai.APIConnectionError(request=request)
@@ -189,19 +190,10 @@ class _SendOnce(httpx2.AsyncBaseTransport):
         await self.transport.aclose()
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
-
-
 def refused(exc: BaseException) -> bool:
     """Whether ``exc`` comes from a refused connection (nothing listens there): nothing was sent."""
     return any(isinstance(cause, ConnectionRefusedError) or f"[Errno {errno.ECONNREFUSED}]" in str(cause)
-               for cause in _causes(exc))
+               for cause in causes(exc))
 
 
 class HTTPClient(openai.DefaultAioHttpClient):

@@ -325,7 +325,7 @@ def _network_error(exc: BaseException, base_url: str, timeout: float | None) -> 
     import httpx2
     import openai
 
-    chain = _causes(exc)
+    chain = causes(exc)
 
     def find(*types: type[BaseException]) -> Any:
         return next((e for e in reversed(chain) if isinstance(e, types)), None)  # the innermost: the OS's
@@ -398,7 +398,7 @@ def _network_error(exc: BaseException, base_url: str, timeout: float | None) -> 
     )
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
+def causes(exc: BaseException) -> list[BaseException]:
     """``exc`` and what caused it, outermost first."""
     chain: list[BaseException] = []
     current: BaseException | None = exc
