@@ -204,6 +204,19 @@ def test_a_custom_id_is_taken_by_its_first_line_even_when_that_line_is_invalid(c
     assert len(records(tmp_path / "out.jsonl")) == 4
 
 
+def test_sampling_options_that_batch_lines_do_not_take_are_warned_about(client, fake_vllm, tmp_path, caplog):
+    lines = [completion_line("a", "hello"), chat_line("b", "hi")]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    with caplog.at_level("WARNING", logger="vllmclient"):
+        run_batch_file(client, source, tmp_path / "out.jsonl", progress=False, temperature=0.5)
+    warned = [r.getMessage() for r in caplog.records if "plain lines" in r.getMessage()]
+    assert len(warned) == 1 and "temperature" in warned[0] and "2 batch lines" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vllmclient"):
+        run_batch_file(client, write_lines(tmp_path / "in2.jsonl", lines), tmp_path / "out2.jsonl", progress=False)
+    assert not [r for r in caplog.records if "plain lines" in r.getMessage()]
+
+
 def test_fields_a_line_leaves_out_are_not_sent(client, fake_vllm, tmp_path):
     lines = [completion_line("a", "hello"), chat_line("b", "hello")]
     run_batch_file(client, write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl", progress=False)

@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -30,6 +31,8 @@ from .params import parse_params
 from .results import GenerateOutput, GenerationError
 
 __all__ = ["JobSummary", "run_batch_file"]
+
+logger = logging.getLogger("vllmclient")
 
 _KEYS_BATCH = frozenset({"custom_id", "method", "url", "body"})
 _KEYS_PLAIN = frozenset({"custom_id", "messages"})
@@ -143,6 +146,7 @@ def run_batch_file(
             plain = plain_call(client, {**params, "num_generations": num_generations})
             job.begin()
             groups, failures = _plan(_lines(reading), job, plain, summary)
+            _warn_unused(groups, params, num_generations)
             job.write(failures)
             _count(summary, failures)
             pending = sum(len(group.lines) for group in groups.values())
@@ -156,6 +160,15 @@ def run_batch_file(
         finally:
             job.close()
     return summary
+
+
+def _warn_unused(groups: dict[Any, _Group], params: dict[str, Any], num_generations: int) -> None:
+    """Sampling options given for the job do not reach batch lines (their body decides): say so, once."""
+    given = [*params, *(["num_generations"] if num_generations != 1 else [])]
+    batch = sum(len(group.lines) for group in groups.values() if group.url is not None)
+    if given and batch:
+        logger.warning("vllmclient: %s apply to plain lines only; the input's %d batch lines use their own body's "
+                       "fields (put them there to change those lines).", ", ".join(given), batch)
 
 
 def _digest(file: IO[bytes]) -> str:
