@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from vllmclient import ChatFormatter, ClientvLLM, ConfigurationError, InvalidInputError
-from vllmclient.formatter import validate_conversation
+from vllmclient.conversation import validate_conversation
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from ._engine import Prepare
 from ._request import _CHAT_ONLY, _COMMON_FIELDS, _COMPLETION_ONLY, _GUIDED, Request, build_request
+from .conversation import json_fault
 from .errors import InvalidInputError, VLLMClientError
-from .formatter import json_fault, prepare_for
+from .formatter import prepare_for
 from .params import GenerationParams, parse_params
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ._server import ServerInfo
+from .conversation import json_fault
 from .errors import InvalidInputError, UnknownFieldWarning
-from .formatter import json_fault
 from .params import GenerationParams, plain_int
 from .structured import StructuredSpec, parse_spec
 

@@ -23,8 +23,8 @@ from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, TypeGuard, cast
 
+from .conversation import as_conversation
 from .errors import ConfigurationError
-from .formatter import as_conversation
 from .results import GenerateOutput
 
 if sys.platform != "win32":

@@ -45,7 +45,7 @@ from ..results import GenerationError, failed_output
 from ..structured import from_distilabel
 
 if TYPE_CHECKING:
-    from ..formatter import Conversation
+    from ..conversation import Conversation
     from ..results import GenerateOutput
 
 __all__ = ["ClientvLLM"]
