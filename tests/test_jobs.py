@@ -437,7 +437,7 @@ def test_the_console_scripts_name_the_command_line_and_the_launcher():
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
     scripts = dict(line.split(" = ") for line in config["options.entry_points"]["console_scripts"].strip().splitlines())
-    assert scripts == {"vllmclient": "vllmclient.cli:main", "vllmclient-server": "vllmclient.local_server:main"}
+    assert scripts == {"vllmclient": "vllmclient.cli:main", "vllmclient-server": "vllmclient.cli:serve"}
     for target in scripts.values():
         module, name = target.split(":")
         assert callable(getattr(importlib.import_module(module), name))

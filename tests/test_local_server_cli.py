@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from vllmclient import ConfigurationError, LocalServer, VLLMClientError
-from vllmclient.local_server import main
+from vllmclient.cli import serve as main
 
 KEY = "sk-cli-S3CRET"
 NO_VLLM = ["--python", "/nonexistent/python"]  # were the check to let a call through, it would fail fast

@@ -9,16 +9,19 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .local_server import _read_api_key, _RefuseKeyOnCommandLine
+from .errors import LocalServerError
+from .local_server import KEY_ON_COMMAND_LINE, LocalServer, has_api_key_option
 
-__all__ = ["main"]
+__all__ = ["main", "serve"]
 
 # (option, type, GenerationParams name): sampling for plain lines, in vLLM's / OpenAI's names.
 _SAMPLING: list[tuple[str, type, str]] = [
@@ -41,8 +44,6 @@ _INTERRUPTED = 130
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["serve"]:
-        from .local_server import main as serve
-
         return serve(args[1:])
     parser = _parser()
     options = parser.parse_args(args)
@@ -186,3 +187,112 @@ def _as_options(message: str) -> str:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM stops the CLI as cleanly as Ctrl-C."""
+    raise KeyboardInterrupt
+
+
+_KEY_ALTERNATIVES = (
+    "Set VLLM_API_KEY in the environment (e.g. `VLLM_API_KEY=$(cat key.txt) vllmclient serve ...`) "
+    "or pass --api-key-file PATH"
+)
+
+
+class _RefuseKeyOnCommandLine(argparse.Action):
+    """``--api-key KEY`` is refused, and the key is not repeated in the message."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: object, values: object, option_string: object = None
+    ) -> None:
+        parser.error(f"--api-key is not accepted on the command line: {KEY_ON_COMMAND_LINE}. {_KEY_ALTERNATIVES}.")
+
+
+def _read_api_key(parser: argparse.ArgumentParser, path: str | None) -> str | None:
+    """The key from ``--api-key-file`` (surrounding whitespace removed), else ``$VLLM_API_KEY``, else None."""
+    if path is None:
+        return os.environ.get("VLLM_API_KEY") or None
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error(f"cannot read --api-key-file {path} ({exc.__class__.__name__}: {exc})")
+    if not key:
+        parser.error(f"--api-key-file {path} is empty: write the key in it")
+    if any(char in key for char in "\r\n"):
+        parser.error(f"--api-key-file {path} holds several lines: write one key, on one line")
+    return key
+
+
+def serve(argv: Sequence[str] | None = None) -> int:
+    """``vllmclient serve`` (also ``vllmclient-server``, ``python -m vllmclient.local_server``): serve until
+    Ctrl-C (or SIGTERM)."""
+    parser = argparse.ArgumentParser(
+        prog="vllmclient serve",
+        description="Start a local vLLM OpenAI-compatible server (default: embedded tiny model).",
+        epilog="Arguments after '--' are passed to vLLM unchanged (except --api-key: "
+        "use $VLLM_API_KEY or --api-key-file).",
+        allow_abbrev=False,  # "--api-key" must never be taken for "--api-key-file"
+    )
+    parser.add_argument("--model", help="model folder (default: the embedded tiny model)")
+    parser.add_argument("--port", type=int, help="port (default: a free one)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--python",
+        help="interpreter with vLLM (default: $VLLMCLIENT_SERVER_PYTHON, else .venv-vllm)",
+    )
+    parser.add_argument("--served-model-name")
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument(
+        "--api-key-file", metavar="PATH",
+        help="file holding the API key clients must send (default: $VLLM_API_KEY; none: no key needed)",
+    )
+    parser.add_argument("--api-key", action=_RefuseKeyOnCommandLine, help=argparse.SUPPRESS)
+    parser.add_argument("--kv-cache-gib", type=float, default=1)
+    parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--compile", action="store_true", help="drop --enforce-eager (slower start)"
+    )
+    parser.add_argument("--log", help="server log file (default: a temp file)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    if has_api_key_option(extra):
+        parser.error(f"--api-key after '--' is not passed to vLLM: {KEY_ON_COMMAND_LINE}. {_KEY_ALTERNATIVES}.")
+    args = parser.parse_args(argv)
+    api_key = _read_api_key(parser, args.api_key_file)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    server = LocalServer(
+        args.model, python=args.python, port=args.port, host=args.host,
+        served_model_name=args.served_model_name, max_model_len=args.max_model_len,
+        api_key=api_key, extra_args=extra, startup_timeout=args.startup_timeout,
+        enforce_eager=not args.compile, kv_cache_gib=args.kv_cache_gib, log_path=args.log,
+    )
+    try:
+        server.start()
+        print(server.base_url, flush=True)
+        key = f"API key from {'--api-key-file' if args.api_key_file else '$VLLM_API_KEY'}" if api_key else "no API key"
+        print(f"model {server.served_model_name!r} from {server.model_dir}; {key}; log {server.log_path}; "
+              "Ctrl-C to stop", file=sys.stderr, flush=True)
+        while server.poll() is None:
+            time.sleep(0.5)
+        print(
+            f"vLLM server exited with code {server.poll()}:\n{server.log_tail()}",
+            file=sys.stderr,
+        )
+        return 1
+    except LocalServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()

@@ -13,7 +13,6 @@ of the API server can leave behind.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import logging
@@ -61,7 +60,7 @@ _TAIL_LINES = 40
 _STOP_GRACE_S = 10.0
 _MODEL_BUILD_TIMEOUT_S = 900.0
 _TINY_MODEL_SCRIPT = Path(__file__).with_name("tiny_model.py")
-_KEY_ON_COMMAND_LINE = (
+KEY_ON_COMMAND_LINE = (
     "every user of this machine can read a command line (ps, /proc) for as long as the process runs"
 )
 
@@ -126,7 +125,7 @@ def _check_server_python(python: str) -> None:
         )
 
 
-def _has_api_key_option(args: Sequence[str]) -> bool:
+def has_api_key_option(args: Sequence[str]) -> bool:
     return any(arg == "--api-key" or arg.startswith("--api-key=") for arg in args)
 
 
@@ -326,9 +325,9 @@ class LocalServer:
             )
         self.served_model_name: str = served_model_name
         self.max_model_len = max_model_len
-        if _has_api_key_option(extra_args):
+        if has_api_key_option(extra_args):
             raise ConfigurationError(
-                f"'--api-key' in extra_args would put the key on vLLM's command line, and {_KEY_ON_COMMAND_LINE}: "
+                f"'--api-key' in extra_args would put the key on vLLM's command line, and {KEY_ON_COMMAND_LINE}: "
                 "pass LocalServer(api_key=...) instead (the server gets it as $VLLM_API_KEY)."
             )
         self.api_key = api_key
@@ -522,116 +521,7 @@ class LocalServer:
         return f"<LocalServer {self.served_model_name!r} {self.host}:{port} pid={self.pid} {state}>"
 
 
-# ----------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------
+if __name__ == "__main__":  # python -m vllmclient.local_server: the same as vllmclient serve
+    from vllmclient.cli import serve
 
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    """SIGTERM stops the CLI as cleanly as Ctrl-C."""
-    raise KeyboardInterrupt
-
-
-_KEY_ALTERNATIVES = (
-    "Set VLLM_API_KEY in the environment (e.g. `VLLM_API_KEY=$(cat key.txt) vllmclient-server ...`) "
-    "or pass --api-key-file PATH"
-)
-
-
-class _RefuseKeyOnCommandLine(argparse.Action):
-    """``--api-key KEY`` is refused, and the key is not repeated in the message."""
-
-    def __call__(
-        self, parser: argparse.ArgumentParser, namespace: object, values: object, option_string: object = None
-    ) -> None:
-        parser.error(f"--api-key is not accepted on the command line: {_KEY_ON_COMMAND_LINE}. {_KEY_ALTERNATIVES}.")
-
-
-def _read_api_key(parser: argparse.ArgumentParser, path: str | None) -> str | None:
-    """The key from ``--api-key-file`` (surrounding whitespace removed), else ``$VLLM_API_KEY``, else None."""
-    if path is None:
-        return os.environ.get("VLLM_API_KEY") or None
-    try:
-        key = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        parser.error(f"cannot read --api-key-file {path} ({exc.__class__.__name__}: {exc})")
-    if not key:
-        parser.error(f"--api-key-file {path} is empty: write the key in it")
-    if any(char in key for char in "\r\n"):
-        parser.error(f"--api-key-file {path} holds several lines: write one key, on one line")
-    return key
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vllmclient.local_server``: serve until Ctrl-C (or SIGTERM)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m vllmclient.local_server",
-        description="Start a local vLLM OpenAI-compatible server (default: embedded tiny model).",
-        epilog="Arguments after '--' are passed to vLLM unchanged (except --api-key: "
-        "use $VLLM_API_KEY or --api-key-file).",
-        allow_abbrev=False,  # "--api-key" must never be taken for "--api-key-file"
-    )
-    parser.add_argument("--model", help="model folder (default: the embedded tiny model)")
-    parser.add_argument("--port", type=int, help="port (default: a free one)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument(
-        "--python",
-        help="interpreter with vLLM (default: $VLLMCLIENT_SERVER_PYTHON, else .venv-vllm)",
-    )
-    parser.add_argument("--served-model-name")
-    parser.add_argument("--max-model-len", type=int, default=1024)
-    parser.add_argument(
-        "--api-key-file", metavar="PATH",
-        help="file holding the API key clients must send (default: $VLLM_API_KEY; none: no key needed)",
-    )
-    parser.add_argument("--api-key", action=_RefuseKeyOnCommandLine, help=argparse.SUPPRESS)
-    parser.add_argument("--kv-cache-gib", type=float, default=1)
-    parser.add_argument("--startup-timeout", type=float, default=300.0)
-    parser.add_argument(
-        "--compile", action="store_true", help="drop --enforce-eager (slower start)"
-    )
-    parser.add_argument("--log", help="server log file (default: a temp file)")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1 :]
-    if _has_api_key_option(extra):
-        parser.error(f"--api-key after '--' is not passed to vLLM: {_KEY_ON_COMMAND_LINE}. {_KEY_ALTERNATIVES}.")
-    args = parser.parse_args(argv)
-    api_key = _read_api_key(parser, args.api_key_file)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    server = LocalServer(
-        args.model, python=args.python, port=args.port, host=args.host,
-        served_model_name=args.served_model_name, max_model_len=args.max_model_len,
-        api_key=api_key, extra_args=extra, startup_timeout=args.startup_timeout,
-        enforce_eager=not args.compile, kv_cache_gib=args.kv_cache_gib, log_path=args.log,
-    )
-    try:
-        server.start()
-        print(server.base_url, flush=True)
-        key = f"API key from {'--api-key-file' if args.api_key_file else '$VLLM_API_KEY'}" if api_key else "no API key"
-        print(f"model {server.served_model_name!r} from {server.model_dir}; {key}; log {server.log_path}; "
-              "Ctrl-C to stop", file=sys.stderr, flush=True)
-        while server.poll() is None:
-            time.sleep(0.5)
-        print(
-            f"vLLM server exited with code {server.poll()}:\n{server.log_tail()}",
-            file=sys.stderr,
-        )
-        return 1
-    except LocalServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        server.stop()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve())
