@@ -5,26 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from test_client_real import varied  # the same varied conversations as the client tests
 
 from vllmclient import ClientvLLM, LocalServer
 
 pytestmark = pytest.mark.integration
 
-NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Henry", "Iris", "Jack"]
-THINGS = ["ball", "book", "tree", "river", "garden", "cake", "boat", "kite"]
 LONG = "Anna sees the ball in the park every morning. " * 200  # ~2000 tokens, over the 1024 context
 
 
 def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
-
-
-def varied(i: int) -> list[dict[str, str]]:
-    """Conversations that differ in content and length (so their texts and token counts differ)."""
-    story = " ".join(f"{NAMES[(i + k) % 10]} sees the {THINGS[(i * k) % 8]}." for k in range(i % 5))
-    messages = [{"role": "system", "content": "You are a helpful assistant."}] if i % 3 == 0 else []
-    messages.append({"role": "user", "content": f"{story} Tell me about {NAMES[i % 10]} and the {THINGS[i % 8]}.".strip()})
-    return messages
 
 
 def generate(server: LocalServer, inputs: list[Any], pack_size: int, **params: Any) -> list[dict[str, Any]]:
