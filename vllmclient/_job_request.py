@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ._engine import Prepare
-from ._request import _CHAT_ONLY, _COMMON_FIELDS, _COMPLETION_ONLY, _GUIDED, Request, build_request
+from ._request import Request, build_request, vllm_fields
 from .conversation import json_fault
 from .errors import InvalidInputError, VLLMClientError
 from .formatter import prepare_for
@@ -106,8 +106,7 @@ def _batch_call(client: ClientvLLM, url: str, body: Mapping[str, Any]) -> Call:
     server = client._server
     assert server is not None
     fields = dict(body)
-    known = _COMMON_FIELDS | (_CHAT_ONLY if chat else _COMPLETION_ONLY) | _GUIDED.keys()
-    unknown = sorted(set(fields) - known)
+    unknown = sorted(set(fields) - vllm_fields(chat=chat))
     if unknown:
         raise InvalidInputError(
             f"the body field(s) {', '.join(map(repr, unknown))} are not fields of vLLM's {url}; vLLM would ignore "

@@ -18,7 +18,7 @@ from .errors import InvalidInputError, UnknownFieldWarning
 from .params import GenerationParams, plain_int
 from .structured import StructuredSpec, parse_spec
 
-__all__ = ["Request", "build_request"]
+__all__ = ["Request", "build_request", "vllm_fields"]
 
 # vLLM's sampling parameters, sent only when set (so the model's generation_config applies otherwise).
 _VLLM_SAMPLING = (
@@ -69,6 +69,8 @@ _GUIDED = {
     "guided_whitespace_pattern": "nothing (vLLM reads no whitespace pattern; for compact JSON, start the server with "
     "--structured-outputs-config '{\"disable_any_whitespace\": true}')",
 }
+_CHAT_FIELDS = _COMMON_FIELDS | _CHAT_ONLY | _GUIDED.keys()  # all vLLM reads (see vllm_fields)
+_COMPLETION_FIELDS = _COMMON_FIELDS | _COMPLETION_ONLY | _GUIDED.keys()
 _GREEDY = 1e-5  # vLLM samples greedily below this temperature
 _INT64_MIN = -(2**63)
 
@@ -286,7 +288,7 @@ def _checked_extra_body(extra: Mapping[str, Any], *, chat: bool, server: ServerI
                 "renders prompts itself (/v1/completions), where the server ignores it. Use the typed parameter "
                 "(chat_template_kwargs=, tools=) or create the client with tokenizer=None."
             )
-    known = _COMMON_FIELDS | (_CHAT_ONLY if chat else _COMPLETION_ONLY) | _GUIDED.keys()
+    known = vllm_fields(chat=chat)
     unknown = sorted(name for name in extra if name not in known)
     if unknown:
         warnings.warn(
@@ -296,3 +298,9 @@ def _checked_extra_body(extra: Mapping[str, Any], *, chat: bool, server: ServerI
             stacklevel=2,
         )
     return extra
+
+
+def vllm_fields(*, chat: bool) -> frozenset[str]:
+    """The request fields vLLM reads on ``/v1/chat/completions`` (``chat``) or ``/v1/completions``, the removed
+    ``guided_*`` ones included (older servers read them); any other field it ignores without a word."""
+    return _CHAT_FIELDS if chat else _COMPLETION_FIELDS
