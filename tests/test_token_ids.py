@@ -244,3 +244,18 @@ def test_a_token_id_input_streams(fake_vllm, tokenizer_dir, formatter):
         got = "".join(getattr(event, "text", "") for event in llm.stream(ids_of(formatter, CONVERSATIONS[2]),
                                                                           max_new_tokens=8, seed=4))
     assert got == expected and got
+
+
+@pytest.mark.parametrize(
+    ("bad", "word"),
+    [([True, 1, 2], "True"), ([1.0, 2, 3], "1.0"), (np.array([1.5, 2.0]), "1.5"), (np.array([True, False]), "True")],
+)
+def test_a_token_id_prompt_whose_first_id_is_no_int_gets_the_token_id_error(fake_vllm, tokenizer_dir, bad, word):
+    """A list led by a bool or a float is no conversation either: its error is the token-id one (position 0, the
+    item, "int"), as for a bad id further in, not "message 0: expected a dict"."""
+    with client(fake_vllm, tokenizer_dir) as llm:
+        failure = llm.generate([bad], max_new_tokens=4)[0]["error"]
+    assert failure.type == "InvalidInputError" and failure.status_code is None
+    for expected in ("input 0", "position 0", word, "not an int token id"):
+        assert expected in failure.message, failure.message
+    assert sent(fake_vllm) == []

@@ -191,9 +191,10 @@ def check_length(count: int, index: int, max_model_len: int | None, kept: Callab
 def token_ids(value: Any) -> list[Any] | None:
     """The token ids an input stands for, or ``None`` if it is no token-id input.
 
-    An input is a token-id prompt when it is a non-empty sequence (or array) whose first item is an int:
+    An input is a token-id prompt when it is a non-empty sequence (or array) whose first item is a number:
     a conversation is a sequence of dicts, so the two cannot be mistaken for one another (an empty list
-    stays an empty conversation). The ids are not checked here (see ``check_token_ids``).
+    stays an empty conversation). The ids are not checked here (see ``check_token_ids``: a bool or a float
+    gets the token-id error, not a conversation's).
     """
     if type(value) is list:
         if not value or type(value[0]) is dict:  # the usual conversation: decided at once
@@ -202,7 +203,7 @@ def token_ids(value: Any) -> list[Any] | None:
         value = value.tolist()  # a numpy scalar gives a scalar: no token-id input
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         return None
-    if not value or not isinstance(value[0], numbers.Integral) or isinstance(value[0], bool):
+    if not value or not isinstance(value[0], numbers.Number):
         return None
     return value if type(value) is list else list(value)
 
