@@ -259,3 +259,20 @@ def test_a_token_id_prompt_whose_first_id_is_no_int_gets_the_token_id_error(fake
     for expected in ("input 0", "position 0", word, "not an int token id"):
         assert expected in failure.message, failure.message
     assert sent(fake_vllm) == []
+
+
+@pytest.mark.parametrize("magpie", [False, True])
+def test_an_empty_array_of_token_ids_is_an_empty_token_id_prompt_not_an_empty_conversation(
+    fake_vllm, tokenizer_dir, magpie
+):
+    """An empty int (or float) array is a token-id prompt with no ids: refused as such (Magpie on, it was
+    taken for an empty conversation and generated from; off, the error pointed at Magpie)."""
+    extra = {"use_magpie_template": True, "magpie_pre_query_template": "llama3"} if magpie else {}
+    with client(fake_vllm, tokenizer_dir, **extra) as llm:
+        outputs = llm.generate([np.array([], dtype=np.int64), np.array([], dtype=np.float32)], max_new_tokens=4)
+    for index, output in enumerate(outputs):
+        failure = output["error"]
+        assert failure.type == "InvalidInputError" and failure.status_code is None
+        for expected in (f"input {index}", "token-id prompt", "empty", "at least one token id"):
+            assert expected in failure.message, failure.message
+    assert sent(fake_vllm) == []

@@ -200,6 +200,8 @@ def token_ids(value: Any) -> list[Any] | None:
         if not value or type(value[0]) is dict:  # the usual conversation: decided at once
             return None
     elif is_array(value):
+        if getattr(getattr(value, "dtype", None), "kind", None) in ("b", "i", "u", "f") and value.ndim == 1:
+            return list(value.tolist())  # a 1-d numeric array is token ids, even empty (check_token_ids refuses it)
         value = value.tolist()  # a numpy scalar gives a scalar: no token-id input
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         return None
@@ -214,6 +216,11 @@ def check_token_ids(ids: list[Any], index: int, vocab_size: int | None) -> list[
     vLLM takes ids from 0 to the vocabulary's largest; with the client's tokenizer known (``vocab_size``)
     the upper bound is checked here too, so one bad input never costs its pack a round trip.
     """
+    if not ids:
+        raise InvalidInputError(
+            f"input {index}: the token-id prompt is empty. Give at least one token id (a conversation is a list "
+            "of {'role': ..., 'content': ...} dicts)."
+        )
     if not all(type(token) is int for token in ids):
         ids = [plain_int(token) for token in ids]
         for position, token in enumerate(ids):
