@@ -276,3 +276,16 @@ def test_an_empty_array_of_token_ids_is_an_empty_token_id_prompt_not_an_empty_co
         for expected in (f"input {index}", "token-id prompt", "empty", "at least one token id"):
             assert expected in failure.message, failure.message
     assert sent(fake_vllm) == []
+
+
+@pytest.mark.parametrize("flat", [[5, 6, 7], np.array([5, 6, 7])])
+def test_token_ids_passed_as_the_inputs_themselves_say_to_wrap_them(fake_vllm, tokenizer_dir, flat):
+    """``generate(ids)`` makes every id an input of its own: each error says to pass ``[ids]``."""
+    with client(fake_vllm, tokenizer_dir) as llm:
+        outputs = llm.generate(flat, max_new_tokens=4)
+    for index, output in enumerate(outputs):
+        failure = output["error"]
+        assert failure.type == "InvalidInputError" and failure.status_code is None
+        for expected in (f"input {index}", "got ", "token-id prompt", "generate([ids])"):
+            assert expected in failure.message, failure.message
+    assert sent(fake_vllm) == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -166,6 +167,8 @@ def short_repr(value: Any) -> str:
 def _conversation_fix(value: Any) -> str:
     if isinstance(value, (str, bytes)):
         return " Wrap a single prompt as [{'role': 'user', 'content': text}]."
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return " A token-id prompt is one list of ints per input: generate([ids]), not generate(ids)."
     if isinstance(value, Mapping):
         return " This looks like a single message: put it in a list, [message]."
     if isinstance(value, Iterable):
