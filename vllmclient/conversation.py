@@ -168,7 +168,7 @@ def _conversation_fix(value: Any) -> str:
     if isinstance(value, (str, bytes)):
         return " Wrap a single prompt as [{'role': 'user', 'content': text}]."
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return " A token-id prompt is one list of ints per input: generate([ids]), not generate(ids)."
+        return " A token-id prompt is one list of ints per input: generate([ids]) or stream(ids), not generate(ids)."
     if isinstance(value, Mapping):
         return " This looks like a single message: put it in a list, [message]."
     if isinstance(value, Iterable):
