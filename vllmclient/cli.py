@@ -278,10 +278,11 @@ def serve(argv: Sequence[str] | None = None) -> int:
     )
     try:
         server.start()
-        print(server.base_url, flush=True)
         key = f"API key from {'--api-key-file' if args.api_key_file else '$VLLM_API_KEY'}" if api_key else "no API key"
+        # Said before the URL: whoever waits for the URL line (a script, a test) may stop us right after it.
         print(f"model {server.served_model_name!r} from {server.model_dir}; {key}; log {server.log_path}; "
               "Ctrl-C to stop", file=sys.stderr, flush=True)
+        print(server.base_url, flush=True)
         while server.poll() is None:
             time.sleep(0.5)
         print(
