@@ -222,6 +222,24 @@ def test_a_stream_goes_to_a_replica_and_gives_back_its_share(make_fake_vllm: Any
     assert len(_tags(a)) + len(_tags(b)) == 3
 
 
+@pytest.mark.parametrize("fault", ["503", "killed"])
+def test_a_stream_a_replica_fails_before_answering_goes_to_the_other(
+    make_fake_vllm: Any, tokenizer_dir: Any, fault: str
+) -> None:
+    """Nothing of the answer came yet, so nothing is duplicated by sending the stream to another replica."""
+    a, b = make_fake_vllm(), make_fake_vllm()
+    with _client(tokenizer_dir, a, b) as llm:
+        if fault == "503":
+            a.fail_next(503, times=2, headers={"Retry-After": "0"})  # the first try and the SDK's one retry
+        else:
+            a.kill()
+        events = run_with_timeout(lambda: list(llm.stream(_inputs(1)[0], max_new_tokens=4)), timeout=60)
+        assert isinstance(events[-1], StreamEnd) and events[-1].text.startswith("T0")
+        assert llm._engine is not None
+        assert llm._engine.capacity.used == 0 and llm._engine.connections.used == 0
+    assert _tags(b) == ["T0"]
+
+
 def test_prompts_are_checked_against_the_smallest_context_of_the_replicas(
     make_fake_vllm: Any, tokenizer_dir: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import openai
 
-from ._http import ticket
+from ._http import Ticket, ticket
+from ._replicas import Replica, Route
 from ._request import Request
 from ._responses import chat_logprobs, completion_logprobs
 from .errors import APIError, ConnectionLostError, InvalidInputError
@@ -107,17 +108,8 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
     request_id = f"vllmclient-{uuid.uuid4().hex}"
-    replica, claim = await engine.replicas.take(request.n, until_closed=True)
-    chunks: openai.AsyncStream[Any] | None = None
+    replica, claim, chunks = await _open(engine, path, body, request.n, request_id)
     try:
-        token = ticket.set(claim)
-        try:
-            chunks = await replica.aclient.post(
-                path, cast_to=object, body=body, stream=True, stream_cls=openai.AsyncStream[object],
-                options={"headers": {"X-Request-Id": request_id}},
-            )
-        finally:
-            ticket.reset(token)
         sent = claim.entered
         read = _read_chat if request.chat else _read_completion
         pieces: list[str] = []
@@ -163,7 +155,7 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
         )
     except (openai.OpenAIError, OSError) as exc:
         error = replica.translate(exc)
-        if chunks is not None and isinstance(error, ConnectionLostError):  # the SDK re-sends no stream once open
+        if isinstance(error, ConnectionLostError):  # the SDK re-sends no stream once open
             root: BaseException = exc
             while root.__cause__ is not None:
                 root = root.__cause__
@@ -174,15 +166,50 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
             )
         if isinstance(error, APIError):
             error.request_id = error.request_id or request_id
-            engine.replicas.failed(replica, error)  # several replicas: it cools down; a stream is not re-sent
+            engine.replicas.failed(replica, error)  # several replicas: it cools down; a stream once open is not re-sent
         raise error from exc
     finally:
         try:
-            if chunks is not None:
-                await chunks.close()  # left early: the connection is closed mid-answer, and vLLM aborts the request
+            await chunks.close()  # left early: the connection is closed mid-answer, and vLLM aborts the request
         finally:
             claim.leave()
             replica.connections.release(1)
+
+
+async def _open(
+    engine: Engine, path: str, body: dict[str, Any], n: int, request_id: str
+) -> tuple[Replica, Ticket, openai.AsyncStream[Any]]:
+    """Send the streamed request; its replica, claim (held until the stream ends) and open stream.
+
+    As ``Engine.post``: a replica that fails the request before the answer begins (connection refused,
+    5xx after the SDK's retries) cools down and the request goes to one it has not tried; nothing of the
+    answer came, so nothing is duplicated.
+    """
+    route = Route()
+    while True:
+        replica, claim = await engine.replicas.take(n, route, until_closed=True)
+        token = ticket.set(claim)
+        try:
+            chunks: openai.AsyncStream[Any] = await replica.aclient.post(
+                path, cast_to=object, body=body, stream=True, stream_cls=openai.AsyncStream[object],
+                options={"headers": {"X-Request-Id": request_id}},
+            )
+            return replica, claim, chunks
+        except (openai.OpenAIError, OSError) as exc:
+            claim.leave()
+            replica.connections.release(1)
+            error = replica.translate(exc)
+            if isinstance(error, APIError):
+                error.request_id = error.request_id or request_id
+                if engine.replicas.failed(replica, error, route):
+                    continue
+            raise error from exc
+        except BaseException:
+            claim.leave()
+            replica.connections.release(1)
+            raise
+        finally:
+            ticket.reset(token)
 
 
 def _read_completion(choice: dict[str, Any], request: Request) -> tuple[TextDelta | None, int, str | None]:
