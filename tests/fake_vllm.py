@@ -1417,7 +1417,7 @@ class FakeVLLM:
         if self._tok._hf is None:
             await asyncio.get_running_loop().run_in_executor(None, self._tok.hf)
 
-    def _render_chat(self, body: dict[str, Any]) -> str:
+    def _render_chat(self, body: dict[str, Any], *, batch: bool = False) -> str:
         messages = body.get("messages")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             if messages is None:
@@ -1425,7 +1425,7 @@ class FakeVLLM:
                                           "input": body}])
             raise _validation_error([{"type": "list_type", "loc": "body.messages", "msg": "Input should be a valid list",
                                       "input": messages}])
-        norm = [{**m, "content": _content_text(m.get("content"))} for m in messages]
+        norm = [{**m, "content": _content_text(_checked_parts(m.get("content"), batch))} for m in messages]
         add_gen = body.get("add_generation_prompt")
         kwargs: dict[str, Any] = dict(body.get("chat_template_kwargs") or {})
         kwargs["add_generation_prompt"] = True if add_gen is None else bool(add_gen)
@@ -1440,9 +1440,10 @@ class FakeVLLM:
         except (TemplateError, ValueError, TypeError, KeyError) as e:  # template errors are 400s in vLLM
             raise _ApiError(400, str(e), type_="BadRequestError") from None
 
-    def _chat_turn(self, body: dict[str, Any], max_model_len: int, n: int) -> _Turn:
-        """One conversation (``body["messages"]``) checked and rendered as vLLM's chat path does; raises its 400s."""
-        prompt = self._render_chat(body)
+    def _chat_turn(self, body: dict[str, Any], max_model_len: int, n: int, *, batch: bool = False) -> _Turn:
+        """One conversation (``body["messages"]``) checked and rendered as vLLM's chat path does (``batch``: as
+        its ``/chat/completions/batch`` does); raises its 400s."""
+        prompt = self._render_chat(body, batch=batch)
         max_chars = max_model_len * self._tok.max_chars_per_token
         if body.get("truncate_prompt_tokens") is None and len(prompt) > max_chars:
             raise _vllm_validation(
@@ -1540,7 +1541,8 @@ class FakeVLLM:
                                       "'none'", "input": body["tool_choice"], "ctx": {"expected": "'none'"}}])
         model, max_model_len = self._resolve_model(body.get("model"))
         await self._load_chat_template()
-        turns = [self._chat_turn({**body, "messages": conversation}, max_model_len, 1) for conversation in conversations]
+        turns = [self._chat_turn({**body, "messages": conversation}, max_model_len, 1, batch=True)
+                 for conversation in conversations]
         request_id = f"chatcmpl-{self._request_id(request, body)}"
         texts = [text for turn in turns for text in turn.texts]
         answered = False
@@ -1728,6 +1730,33 @@ def _prompt_logprobs(tok: _Tok, ids: tuple[int, ...], k: int) -> list[dict[str, 
                                           "decoded_token": tok.decode([other], skip_special_tokens=False)})
         out.append(entry)
     return out
+
+
+# vLLM 0.32's content part types (as its "Unsupported chat content part type" error lists them).
+_PART_TYPES = ("audio_embeds", "audio_url", "image_embeds", "image_pil", "image_url", "input_audio", "input_image",
+               "input_text", "output_text", "prompt_embeds", "refusal", "text", "thinking", "tool_reference",
+               "video_embeds", "video_url")
+
+
+def _checked_parts(content: Any, batch: bool) -> Any:
+    """A message's content parts checked as vLLM 0.32 does: a type it does not know is a 400 naming ``type``; a
+    media part without its payload (``{"type": "input_audio"}``) fails pydantic's validation, a 400 with no param
+    on ``/chat/completions``, while ``/chat/completions/batch`` answers the conversation as if the message had no
+    content (its validation consumes the parts: vLLM 0.32's behaviour, measured)."""
+    if not isinstance(content, list):
+        return content
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _PART_TYPES:
+            raise _vllm_validation(f"Unsupported chat content part type: {kind!r}. Supported types: "
+                                   f"{', '.join(_PART_TYPES)}.", "type", kind)
+    for part in content:
+        if part["type"] != "text" and part["type"] not in part:
+            if batch:
+                return []
+            raise _ApiError(400, f"1 validation error for ValidatorIterator\n0.{part['type']}\n  Field required "
+                                 f"[type=missing, input_value={part!r}, input_type=dict]", type_="BadRequestError")
+    return content
 
 
 def _content_text(content: Any) -> str:

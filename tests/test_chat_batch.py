@@ -150,6 +150,30 @@ def test_a_400_about_a_sampling_parameter_fails_the_whole_pack_without_splitting
     assert all(message in output["error"].message for output in outputs)
 
 
+@pytest.mark.parametrize(
+    ("part", "words"),
+    [({"type": "input_audio"}, "validation error"), ({"type": "sound"}, "Unsupported chat content part type")],
+    ids=["malformed", "unknown-type"],
+)
+def test_a_conversation_with_a_part_other_than_text_is_sent_alone_and_fails_alone(fake_vllm, part, words):
+    """vLLM 0.32's batch endpoint answers a conversation whose part it cannot read as if that message were
+    empty, where /chat/completions refuses it; a part type it does not know fails the whole batch (param
+    'type'). Such a conversation goes alone, and the server checks it there."""
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    inputs = tagged(8)
+    inputs[2] = [{"role": "user", "content": [{"type": "text", "text": "[[q2]] hear"}, part]}]
+    inputs[6] = [{"role": "user", "content": "[[q6]] look"}, {"role": "assistant", "content": [image]},
+                 {"role": "user", "content": "and?"}]
+    with chat_client(fake_vllm, pack_size=8) as llm:
+        outputs = llm.generate(inputs, max_new_tokens=4, progress=False)
+    assert outputs[2]["generations"] == [None] and outputs[2]["error"].type == "BadRequestError"
+    assert words in outputs[2]["error"].message and outputs[2]["error"].status_code == 400
+    assert all("error" not in output and starts_with_tag(output, i) for i, output in enumerate(outputs) if i != 2)
+    (batch,) = fake_vllm.requests_to(BATCH)
+    assert batch.body["messages"] == [conversation for i, conversation in enumerate(inputs) if i not in (2, 6)]
+    assert sorted(len(r.body["messages"]) for r in fake_vllm.requests_to(CHAT)) == [1, 3]
+
+
 def test_a_batch_answer_missing_a_conversation_fails_its_pack_as_unreadable(fake_vllm):
     answer = {"id": "x", "object": "chat.completion", "model": "tiny-llama", "usage": {},
               "choices": [{"index": 0, "message": {"content": "q0 a"}, "finish_reason": "stop"}]}

@@ -294,13 +294,11 @@ class Engine:
         if len(pack) > 1 and not self.packs(request):
             parts = await asyncio.gather(*(self._send_pack([item], request) for item in pack))
             return [result for part in parts for result in part]
-        if not request.chat and len(pack) > 1:
-            texts = [item for item in pack if type(item[1]) is str]
-            if 0 < len(texts) < len(pack):  # vLLM's ``prompt`` is all text or all token ids: one request each
-                ids = [item for item in pack if type(item[1]) is not str]
-                text_part, ids_part = await asyncio.gather(self._send_pack(texts, request), self._send_pack(ids, request))
-                by_index = dict(text_part + ids_part)
-                return [(index, by_index[index]) for index, _ in pack]
+        groups = _sharing(pack, request) if len(pack) > 1 else [pack]
+        if len(groups) > 1:
+            parts = await asyncio.gather(*(self._send_pack(group, request) for group in groups))
+            by_index = dict(result for part in parts for result in part)
+            return [(index, by_index[index]) for index, _ in pack]
         try:
             outputs = await self._generate([payload for _, payload in pack], request)
         except APIError as exc:  # includes an answer we cannot read
@@ -385,6 +383,36 @@ def _not_sent(cause: ServerUnreachableError) -> ServerUnreachableError:
     )
     error.__cause__ = cause
     return error
+
+
+def _sharing(pack: list[tuple[int, Any]], request: Request) -> list[list[tuple[int, Any]]]:
+    """The pack cut into the groups that may share a request.
+
+    Completions: vLLM's ``prompt`` is all text or all token ids. Chat: a conversation with a content part other
+    than text goes alone, because vLLM's ``/chat/completions/batch`` (0.32) answers one whose part it cannot
+    validate as if that message were empty, where ``/chat/completions`` refuses it (measured).
+    """
+    if not request.chat:
+        texts = [item for item in pack if type(item[1]) is str]
+        ids = [item for item in pack if type(item[1]) is not str]
+        return [group for group in (texts, ids) if group]
+    together: list[tuple[int, Any]] = []
+    groups = [together]
+    for item in pack:
+        if _text_only(item[1]):
+            together.append(item)
+        else:
+            groups.append([item])
+    return [group for group in groups if group]
+
+
+def _text_only(conversation: Any) -> bool:
+    """Whether every message's content is a str (or None) or text parts only."""
+    for message in conversation:
+        content = message.get("content")
+        if type(content) is not str and content is not None and any(part.get("type") != "text" for part in content):
+            return False
+    return True
 
 
 def _about_a_prompt(exc: APIError) -> bool:

@@ -53,3 +53,21 @@ def test_a_too_long_conversation_in_a_pack_fails_alone(vllm_server: LocalServer)
     assert len({outputs[i]["request_id"] for i in (4, 5, 6, 7)}) == 1  # the half without it answered as one pack
     alone = generate(vllm_server, [inputs[i] for i in (0, 1, 2, 4, 5, 6, 7)], 1, temperature=0, max_new_tokens=8)
     assert [o["generations"] for o in alone] == [outputs[i]["generations"] for i in (0, 1, 2, 4, 5, 6, 7)]
+
+
+@pytest.mark.parametrize(
+    "part",
+    [{"type": "input_audio"}, {"type": "refusal"}, {"type": "weird", "weird": 1}, {"type": "weird"}],
+    ids=["audio-without-data", "refusal-without-text", "unknown-type-with-a-field", "unknown-type"],
+)
+def test_a_conversation_with_a_part_the_server_refuses_fails_alone_in_a_pack(vllm_server: LocalServer, part) -> None:
+    """vLLM 0.32's batch endpoint answers the first three as if the message were empty (its /chat/completions
+    refuses them) and fails the whole batch for the last: the client sends such a conversation alone."""
+    inputs = [varied(i) for i in range(6)]
+    inputs[2] = [{"role": "user", "content": [part]}]
+    outputs = generate(vllm_server, inputs, 6, temperature=0, max_new_tokens=8)
+    assert [("error" in output) for output in outputs] == [False, False, True, False, False, False]
+    assert outputs[2]["error"].type == "BadRequestError" and outputs[2]["error"].status_code == 400
+    assert len({outputs[i]["request_id"] for i in (0, 1, 3, 4, 5)}) == 1  # the others still share one request
+    alone = generate(vllm_server, [inputs[i] for i in (0, 1, 3, 4, 5)], 1, temperature=0, max_new_tokens=8)
+    assert [o["generations"] for o in alone] == [outputs[i]["generations"] for i in (0, 1, 3, 4, 5)]
