@@ -664,6 +664,7 @@ class FakeVLLM:
         self._faults: dict[str, deque[_Fault]] = {}
         self._prompt_failures: dict[str, tuple[int, str | None]] = {}
         self._breaks: dict[str, int] = {}
+        self._aborts: set[str] = set()
         self._slow_prompts: dict[str, float] = {}
         self._stream_delay = 0.0
         self._stream_errors: deque[tuple[int, dict[str, Any]]] = deque()
@@ -807,6 +808,19 @@ class FakeVLLM:
         with self._lock:
             self._prompt_failures[marker] = (status, message)
 
+    def abort_prompts_containing(self, marker: str) -> None:
+        """End the generations of any prompt (or message) holding ``marker`` early with finish_reason
+        ``"abort"`` and HTTP 200, as vLLM answers the requests in flight when it shuts down (SIGTERM)."""
+        with self._lock:
+            self._aborts.add(marker)
+
+    def _maybe_aborted(self, text: str, choice: _Choice) -> _Choice:
+        with self._lock:
+            if not any(marker in text for marker in self._aborts):
+                return choice
+        ids = choice.ids[: max(1, len(choice.ids) // 2)]
+        return _Choice(self._tok.decode(ids), ids, "abort", None, choice.logprob_seed)
+
     def break_structured(self, marker: str, *, times: int = 1) -> None:
         """Answer the next ``times`` constrained generations for prompts holding ``marker`` with free text."""
         with self._lock:
@@ -875,6 +889,7 @@ class FakeVLLM:
             self._faults.clear()
             self._prompt_failures.clear()
             self._breaks.clear()
+            self._aborts.clear()
             self._slow_prompts.clear()
             self._stream_errors.clear()
             self._stream_delay = 0.0
@@ -1303,7 +1318,8 @@ class FakeVLLM:
                         results.append((len(ids), _Choice("", [], "length", None, "")))
                     else:
                         free = constraint is not None and self._take_break(text)
-                        results.append((len(ids), _generate(self._tok, text, j, tag, False, params, free)))
+                        choice = _generate(self._tok, text, j, tag, False, params, free)
+                        results.append((len(ids), self._maybe_aborted(text, choice)))
             if body.get("stream"):
                 response = await self._streamed(
                     self._stream_completion(request, body, model, request_id, prompts, n, results))
@@ -1489,8 +1505,9 @@ class FakeVLLM:
 
     def _generate_turn(self, turn: _Turn, n: int) -> list[_Choice]:
         constrained = turn.params.constraint is not None
-        return [_generate(self._tok, turn.prompt, j, turn.tag, True, turn.params,
-                          constrained and self._take_break(turn.prompt)) for j in range(n)]
+        return [self._maybe_aborted(turn.prompt, _generate(self._tok, turn.prompt, j, turn.tag, True, turn.params,
+                                                           constrained and self._take_break(turn.prompt)))
+                for j in range(n)]
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = self._json_body(request)

@@ -428,3 +428,35 @@ def test_a_dead_server_fails_the_rest_of_a_big_job_at_once(fake_vllm, tokenizer_
         assert "error" not in client.generate([[{"role": "user", "content": "back"}]])[0]
     finally:
         client.close()
+
+
+# -- requests the server aborted ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", BATCH_MODES)
+def test_a_generation_the_server_aborted_fails_its_input_and_is_sent_again_on_resume(
+    mode, fake_vllm, tokenizer_dir, tmp_path
+):
+    """Shutting down (SIGTERM), vLLM answers the requests in flight 200 with finish_reason 'abort' and the text
+    so far (measured on vLLM 0.32): that input failed, and a checkpointed call sends it again."""
+    checkpoint = tmp_path / "job.jsonl"
+    inputs = [tagged(i) for i in range(6)]
+    with client_for(fake_vllm, tokenizer_dir, mode, max_retries=0, pack_size=1 if mode == CHAT else 6) as llm:
+        fake_vllm.abort_prompts_containing(tag(2))
+        outputs = llm.generate(inputs, max_new_tokens=8, num_generations=2 if mode != CHAT_BATCH else 1,
+                               temperature=1.0, checkpoint=checkpoint)
+        assert [index for index, output in enumerate(outputs) if "error" in output] == [2]
+        error = outputs[2]["error"]
+        assert outputs[2]["generations"] == [None] * len(outputs[0]["generations"])
+        assert error.type == "ServerError" and "abort" in error.message and error.request_id
+        assert all(starts_with_tag(output, i) for i, output in enumerate(outputs) if i != 2)
+        with pytest.raises(errors.ServerError, match="abort"):
+            asyncio.run(llm.agenerate(tagged(2), max_new_tokens=8))
+
+        fake_vllm.clear_failures()
+        fake_vllm.clear()
+        again = llm.generate(inputs, max_new_tokens=8, num_generations=2 if mode != CHAT_BATCH else 1,
+                             temperature=1.0, checkpoint=checkpoint)
+    assert all(starts_with_tag(output, i) for i, output in enumerate(again))
+    assert [inputs_of(request) for request in fake_vllm.requests_to(ENDPOINT[CHAT if mode == CHAT_BATCH else mode])] \
+        == [{2}]

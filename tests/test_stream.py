@@ -240,6 +240,20 @@ def test_an_error_event_mid_stream_is_ours_after_the_deltas_before_it(
         asyncio.run(main())
 
 
+def test_a_generation_the_server_aborted_is_our_error_after_its_deltas(llm, fake_vllm, path):
+    """Shutting down, vLLM ends the streams in flight with finish_reason 'abort' (measured on vLLM 0.32): the
+    text is incomplete, so no StreamEnd says it ended."""
+    fake_vllm.abort_prompts_containing("[[ab]]")
+    received: list[Any] = []
+    with pytest.raises(ServerError, match="abort") as caught:
+        received.extend(llm.stream(user("[[ab]] x"), max_new_tokens=40, ignore_eos=True))
+    assert received and all(isinstance(event, TextDelta) for event in received)
+    assert caught.value.request_id == fake_vllm.requests_to(PATHS[path])[-1].headers["x-request-id"]
+    assert llm._engine.capacity.used == 0 and llm._engine.connections.used == 0
+    _, end = split(list(llm.stream(user("[[ok]] x"), max_new_tokens=10)))
+    assert end.finish_reason in ("stop", "length")
+
+
 def test_a_server_dying_mid_stream_is_a_lost_connection(fake_vllm, tokenizer_dir, path):
     fake_vllm.slow_streams(0.05)
     with client_for(fake_vllm, tokenizer_dir, path) as llm:

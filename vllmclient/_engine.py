@@ -25,8 +25,10 @@ from .errors import (
     BadRequestError,
     InvalidInputError,
     PromptTooLongError,
+    ServerError,
     ServerUnreachableError,
     VLLMClientError,
+    aborted,
 )
 from .results import GenerateOutput, GenerationError, failed_output, replace_generations
 from .structured import invalid_slots
@@ -139,6 +141,8 @@ class Engine:
     async def one(self, payload: Any, request: Request) -> GenerateOutput:
         """A single input; errors are raised (agenerate's contract)."""
         output = (await self._generate([payload], request))[0]
+        if (error := self._aborted(output)) is not None:
+            raise error
         if request.structured is not None:
             await self._checked([(0, payload, output)], request)
         return output
@@ -314,12 +318,25 @@ class Engine:
             if len(pack) == 1:
                 return [(index, _failed(index, request, exc)) for index, _ in pack]
         else:
-            return [(index, outputs[position]) for position, (index, _) in enumerate(pack)]
+            return [(index, self._failed_if_aborted(index, request, outputs[position]))
+                    for position, (index, _) in enumerate(pack)]
         middle = len(pack) // 2
         left, right = await asyncio.gather(
             self._send_pack(pack[:middle], request), self._send_pack(pack[middle:], request)
         )
         return left + right
+
+    def _aborted(self, output: GenerateOutput) -> ServerError | None:
+        """The error of an output the server aborted (finish reason ``"abort"``: shutting down or paused)."""
+        reasons = output["finish_reasons"]
+        if "abort" not in reasons:
+            return None
+        tokens = output["statistics"]["output_tokens"][reasons.index("abort")]
+        return aborted(output.get("server", self.base_url), output["request_id"], tokens)
+
+    def _failed_if_aborted(self, index: int, request: Request, output: GenerateOutput) -> GenerateOutput:
+        error = self._aborted(output)
+        return output if error is None else _failed(index, request, error)
 
     async def _checked(self, sent: list[tuple[int, Any, GenerateOutput]], request: Request) -> None:
         """Check each output against ``structured_outputs`` and ask again for the invalid generations.

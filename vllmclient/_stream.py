@@ -21,7 +21,7 @@ from ._http import Ticket, ticket
 from ._replicas import Replica, Route
 from ._request import Request
 from ._responses import chat_logprobs, completion_logprobs
-from .errors import APIError, ConnectionLostError, InvalidInputError
+from .errors import APIError, ConnectionLostError, InvalidInputError, aborted
 from .results import Logprob
 
 if TYPE_CHECKING:
@@ -138,6 +138,8 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
                     yield delta
         end = time.perf_counter()
         output_tokens = usage.get("completion_tokens", counted if counted else None)
+        if finish_reason == "abort":
+            raise aborted(replica.base_url, request_id, output_tokens)
         text = "".join(pieces)
         parsed, validation_error = (None, None) if request.structured is None else request.structured.check(
             text, finish_reason

@@ -162,6 +162,18 @@ class GenerationFailedError(VLLMClientError):
         return (self.__class__, (self.failures, self.total), {"results": self.results})
 
 
+def aborted(base_url: str, request_id: str | None, output_tokens: int | None) -> ServerError:
+    """vLLM answers the requests in flight when it shuts down (SIGTERM) or is paused with HTTP 200, finish reason
+    ``"abort"`` and the text so far: an incomplete answer, so a failure (a checkpointed call sends it again)."""
+    after = "" if output_tokens is None else f", after {output_tokens} tokens"
+    return ServerError(
+        f"The vLLM server at {base_url} aborted this generation before it finished (finish_reason 'abort'{after}), "
+        "as it does with the requests in flight when it shuts down or is paused; the text so far is incomplete "
+        "and not returned. Send the input again (with checkpoint=..., the same call sends only what is missing).",
+        request_id=request_id,
+    )
+
+
 def failure_lines(failures: Sequence[GenerationError], shown: int, *, more: str = "") -> list[str]:
     """One line per failure (index, type, message) for the first ``shown``, then how many more."""
     lines = [f"  input {failure.index}: {failure.type}: {failure.message}" for failure in failures[:shown]]
