@@ -289,3 +289,16 @@ def test_token_ids_passed_as_the_inputs_themselves_say_to_wrap_them(fake_vllm, t
         for expected in (f"input {index}", "got ", "token-id prompt", "generate([ids])"):
             assert expected in failure.message, failure.message
     assert sent(fake_vllm) == []
+
+
+@pytest.mark.parametrize("nested", [[[5, 6, 7], [8, 9]], np.array([[5, 6, 7]]), [np.array([5, 6, 7])]])
+def test_token_id_prompts_nested_in_one_input_say_each_is_an_input_of_its_own(fake_vllm, tokenizer_dir, nested):
+    """``generate([[ids1, ids2]])`` (or a 2-D array as one input) is neither a conversation nor a token-id
+    prompt: the error says to pass each prompt as an input, not to flatten a conversation."""
+    with client(fake_vllm, tokenizer_dir) as llm:
+        failure = llm.generate([nested], max_new_tokens=4)[0]["error"]
+    assert failure.type == "InvalidInputError" and failure.status_code is None
+    for expected in ("input 0", "token-id prompt", "generate([ids1, ids2])"):
+        assert expected in failure.message, failure.message
+    assert "flatten" not in failure.message
+    assert sent(fake_vllm) == []

@@ -179,6 +179,12 @@ def _conversation_fix(value: Any) -> str:
 def _message_fix(value: Any) -> str:
     if isinstance(value, str):
         return f" Write it as {{'role': 'user', 'content': {short_repr(value)}}}."
+    items = value.tolist() if is_array(value) else value
+    if isinstance(items, Sequence) and items and all(
+        isinstance(item, numbers.Integral) and not isinstance(item, bool) for item in items
+    ):
+        return (" It holds ints: each token-id prompt is an input of its own, generate([ids1, ids2]), "
+                "not generate([[ids1, ids2]]).")
     if isinstance(value, Sequence):
         return " The conversation holds a nested list: flatten it into one list of message dicts."
     if hasattr(value, "tolist"):
