@@ -19,6 +19,7 @@ from vllmclient import (
     ConnectionLostError,
     InvalidInputError,
     ServerError,
+    ServerTimeoutError,
     StreamEnd,
     TextDelta,
     VLLMClientError,
@@ -252,6 +253,20 @@ def test_a_generation_the_server_aborted_is_our_error_after_its_deltas(llm, fake
     assert llm._engine.capacity.used == 0 and llm._engine.connections.used == 0
     _, end = split(list(llm.stream(user("[[ok]] x"), max_new_tokens=10)))
     assert end.finish_reason in ("stop", "length")
+
+
+def test_a_server_silent_mid_stream_is_a_timeout_that_says_the_answer_is_cut(fake_vllm, tokenizer_dir, path):
+    """The stream had begun: "did not answer within timeout ... for long generations raise timeout=" misled."""
+    fake_vllm.slow_streams(3.0)  # the first chunk at once, then silence past the client's timeout
+    with client_for(fake_vllm, tokenizer_dir, path, timeout=0.5) as llm:
+        with pytest.raises(ServerTimeoutError) as caught:
+            list(llm.stream(user("x"), max_new_tokens=50, ignore_eos=True))
+        message = str(caught.value)
+        for expected in ("in the middle of the streamed answer", "timeout=0.5", "incomplete", "next piece"):
+            assert expected in message, message
+        assert "did not answer" not in message and "lower max_new_tokens" not in message
+        assert caught.value.request_id == fake_vllm.requests_to(PATHS[path])[-1].headers["x-request-id"]
+        assert llm._engine.capacity.used == 0 and llm._engine.connections.used == 0
 
 
 def test_a_server_dying_mid_stream_is_a_lost_connection(fake_vllm, tokenizer_dir, path):

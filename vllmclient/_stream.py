@@ -15,13 +15,14 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import httpx2
 import openai
 
 from ._http import Ticket, ticket
 from ._replicas import Replica, Route
 from ._request import Request
 from ._responses import chat_logprobs, completion_logprobs
-from .errors import APIError, ConnectionLostError, InvalidInputError, aborted
+from .errors import APIError, ConnectionLostError, InvalidInputError, ServerTimeoutError, aborted
 from .results import Logprob
 
 if TYPE_CHECKING:
@@ -165,6 +166,15 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
                 f"The connection to the vLLM server at {replica.base_url} dropped in the middle of the streamed "
                 f"answer ({root.__class__.__name__}: {root}); the text received so far is incomplete. The server "
                 "crashed or restarted? Check its log."
+            )
+        elif chunks is not None and isinstance(error, ServerTimeoutError):  # it had begun: not a slow first answer
+            timeout = replica.aclient.timeout
+            seconds = timeout.read if isinstance(timeout, httpx2.Timeout) else timeout
+            error = ServerTimeoutError(
+                f"The vLLM server at {replica.base_url} sent nothing for timeout={seconds} seconds in the middle of "
+                "the streamed answer; the text received so far is incomplete, and the request was not re-sent. A "
+                "server that stalls mid-answer is overloaded or hung: check its log (timeout bounds each wait for "
+                "the next piece of a stream)."
             )
         if isinstance(error, APIError):
             error.request_id = error.request_id or request_id
