@@ -668,6 +668,7 @@ class FakeVLLM:
         self._slow_prompts: dict[str, float] = {}
         self._stream_delay = 0.0
         self._stream_errors: deque[tuple[int, dict[str, Any]]] = deque()
+        self._stream_cuts: deque[int] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -857,6 +858,12 @@ class FakeVLLM:
         with self._lock:
             self._stream_errors.append((after_chunks, error_body(status, message, type_=type_)))
 
+    def cut_next_stream(self, *, after_chunks: int = 1) -> None:
+        """The next streamed answer sends ``after_chunks`` chunks, then ends its HTTP answer cleanly: no finish
+        reason, no ``[DONE]`` (as a proxy that closes a long answer does)."""
+        with self._lock:
+            self._stream_cuts.append(after_chunks)
+
     def drop_next(self, *, path: str = "/v1/completions", times: int = 1, match: str | None = None) -> None:
         """Close the connection without answering the next ``times`` requests to ``path``."""
         self._add_fault(path, _Fault("drop", times), match)
@@ -892,6 +899,7 @@ class FakeVLLM:
             self._aborts.clear()
             self._slow_prompts.clear()
             self._stream_errors.clear()
+            self._stream_cuts.clear()
             self._stream_delay = 0.0
 
     def settle(self, deadline: float = 2.0) -> None:
@@ -1821,9 +1829,13 @@ class _SSEOut:
         with fake._lock:
             self.delay = fake._stream_delay
             self.error = fake._stream_errors.popleft() if fake._stream_errors else None
+            self.cut = fake._stream_cuts.popleft() if fake._stream_cuts else None
         self.sent = 0
 
     async def send(self, data: dict[str, Any]) -> None:
+        if self.cut is not None and self.sent >= self.cut:
+            await self.resp.write_eof()
+            raise _StreamCut(self.resp)
         if self.error is not None and self.sent >= self.error[0]:
             await self.resp.write(_sse(self.error[1]))  # vLLM: the error event, then [DONE]
             await self.done()

@@ -269,6 +269,33 @@ def test_a_server_silent_mid_stream_is_a_timeout_that_says_the_answer_is_cut(fak
         assert llm._engine.capacity.used == 0 and llm._engine.connections.used == 0
 
 
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [({"id": "x", "object": "chat.completion", "choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}]}, None),
+     ("<html><body>Sign in</body></html>", "text/html")],
+    ids=["json", "html"],
+)
+def test_an_answer_that_is_no_stream_is_our_error_not_an_empty_end(llm, fake_vllm, path, body, content_type):
+    """A server or proxy that answers 200 without streaming: its answer is not taken for an empty text."""
+    fake_vllm.fail_next(200, body=body, content_type=content_type, path=PATHS[path])
+    with pytest.raises(APIError, match="not an event stream") as caught:
+        list(llm.stream(user("x")))
+    assert "application/json" in str(caught.value) or "text/html" in str(caught.value)
+    assert caught.value.request_id == fake_vllm.requests_to(PATHS[path])[-1].headers["x-request-id"]
+    assert llm._engine.capacity.used == 0 and llm._engine.connections.used == 0
+
+
+def test_a_stream_ended_before_its_finish_reason_is_a_lost_connection(llm, fake_vllm, path):
+    fake_vllm.cut_next_stream(after_chunks=4)
+    received: list[Any] = []
+    with pytest.raises(ConnectionLostError, match="ended before the answer did") as caught:
+        received.extend(llm.stream(user("x"), max_new_tokens=40, ignore_eos=True))
+    assert received and all(isinstance(event, TextDelta) for event in received)
+    assert "incomplete" in str(caught.value) and caught.value.request_id
+    _, end = split(list(llm.stream(user("x"), max_new_tokens=10)))  # the next stream is whole
+    assert end.finish_reason in ("stop", "length")
+
+
 def test_a_server_dying_mid_stream_is_a_lost_connection(fake_vllm, tokenizer_dir, path):
     fake_vllm.slow_streams(0.05)
     with client_for(fake_vllm, tokenizer_dir, path) as llm:

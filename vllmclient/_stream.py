@@ -139,6 +139,8 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
                     yield delta
         end = time.perf_counter()
         output_tokens = usage.get("completion_tokens", counted if counted else None)
+        if finish_reason is None:  # vLLM ends every answer with one
+            raise _unfinished(chunks, replica.base_url, request_id, len(pieces))
         if finish_reason == "abort":
             raise aborted(replica.base_url, request_id, output_tokens)
         text = "".join(pieces)
@@ -167,7 +169,7 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
                 f"answer ({root.__class__.__name__}: {root}); the text received so far is incomplete. The server "
                 "crashed or restarted? Check its log."
             )
-        elif chunks is not None and isinstance(error, ServerTimeoutError):  # it had begun: not a slow first answer
+        elif isinstance(error, ServerTimeoutError):  # the stream was open: not a slow first answer
             timeout = replica.aclient.timeout
             seconds = timeout.read if isinstance(timeout, httpx2.Timeout) else timeout
             error = ServerTimeoutError(
@@ -222,6 +224,23 @@ async def _open(
             raise
         finally:
             ticket.reset(token)
+
+
+def _unfinished(chunks: openai.AsyncStream[Any], base_url: str, request_id: str, pieces: int) -> APIError:
+    """The error of a stream that ended without a finish reason: it was cut, or it was no stream at all."""
+    kind = chunks.response.headers.get("content-type", "")
+    if not kind.startswith("text/event-stream"):
+        return APIError(
+            f"The server at {base_url} answered the streamed request with HTTP 200 and content type {kind!r}, not an "
+            "event stream: a proxy in the way, or a server that does not stream? Check base_url.",
+            request_id=request_id,
+        )
+    return ConnectionLostError(
+        f"The streamed answer from the vLLM server at {base_url} ended before the answer did (no finish reason, "
+        f"after {pieces} pieces): the text received so far is incomplete. A proxy closed it, or the server "
+        "restarted? Check its log.",
+        request_id=request_id,
+    )
 
 
 def _read_completion(choice: dict[str, Any], request: Request) -> tuple[TextDelta | None, int, str | None]:
