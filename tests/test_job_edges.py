@@ -280,3 +280,24 @@ def test_a_rendered_plain_lines_top_logprobs_hold_as_many_as_asked(fake_vllm, to
     (record,) = [json.loads(text) for text in (tmp_path / "out.jsonl").read_text().splitlines()]
     content = record["response"]["body"]["choices"][0]["logprobs"]["content"]
     assert content and all(len(step["top_logprobs"]) == 2 for step in content)
+
+
+@pytest.mark.parametrize("target", ["input", "output", "output's job file", "link to the output"])
+def test_a_summary_json_naming_the_jobs_own_files_is_refused_before_anything_runs(target, fake_vllm, tmp_path,
+                                                                                  capsys):
+    """``--summary-json`` is written after the job: naming the input or the output (or its OUTPUT.job.json, or a link
+    to one of them) would overwrite the user's prompts or every record the job just wrote with the summary."""
+    source = write_lines(tmp_path / "in.jsonl", [chat("a", "hello")])
+    out = tmp_path / "out.jsonl"
+    argv = ["run", str(source), "-o", str(out), "--base-url", fake_vllm.base_url, "--no-progress", "--max-tokens", "3"]
+    assert main(argv) == 0  # an output with a record: the rerun must leave it as it is
+    kept = {path: path.read_bytes() for path in (source, out, sidecar_path(out))}
+    summary = {"input": source, "output": out, "output's job file": sidecar_path(out)}.get(target)
+    if summary is None:
+        summary = tmp_path / "summary.json"
+        summary.symlink_to(out)
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--summary-json", str(summary)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "argument --summary-json" in err, err
+    assert {path: path.read_bytes() for path in kept} == kept

@@ -138,6 +138,8 @@ def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
     if options.summary_json is not None and options.summary_json.is_dir():
         parser.error(f"argument --summary-json: {options.summary_json} is a directory; pass a file path, such as "
                      f"{options.summary_json / 'summary.json'}")
+    if options.summary_json is not None:
+        _not_a_job_file(parser, options.summary_json, options.input, options.output)
     urls = options.base_url or ["http://localhost:8000"]
     settings: dict[str, Any] = {
         "base_url": urls[0] if len(urls) == 1 else urls, "model": options.model, "tokenizer": options.tokenizer,
@@ -175,6 +177,19 @@ def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
                   f"printed above, and {options.output} holds every record.", file=sys.stderr, flush=True)
             return 1
     return 0
+
+
+def _not_a_job_file(parser: argparse.ArgumentParser, summary: Path, source: Path, output: Path) -> None:
+    """The summary is written over its path after the job: never over the input, the output or its job file."""
+    from ._job_output import sidecar_path
+
+    for what, path in [("the input", source), ("the output", output), ("the output's job file", sidecar_path(output))]:
+        same = summary.resolve() == path.resolve()
+        if not same and summary.exists() and path.exists():
+            same = summary.samefile(path)
+        if same:
+            parser.error(f"argument --summary-json: {summary} is {what} ({path}); the summary would be written over "
+                         "it. Pass another path, such as summary.json")
 
 
 def _as_options(message: str) -> str:
