@@ -301,3 +301,16 @@ def test_a_summary_json_naming_the_jobs_own_files_is_refused_before_anything_run
     err = capsys.readouterr().err
     assert info.value.code == 2 and "argument --summary-json" in err, err
     assert {path: path.read_bytes() for path in kept} == kept
+
+
+def test_an_output_that_is_not_a_regular_file_is_refused_before_anything_is_written(client, fake_vllm, tmp_path):
+    """``-o /dev/null`` (or /dev/stdout, or a link to one): a job appends to the output and resumes from it. It ran
+    the whole job into the device, then failed with a traceback (fsync) and left OUTPUT.job.json beside it."""
+    source = write_lines(tmp_path / "in.jsonl", [chat("a", "hello")])
+    out = tmp_path / "out.jsonl"
+    out.symlink_to(os.devnull)
+    with pytest.raises(ConfigurationError, match="not a regular file") as info:
+        run_batch_file(client, source, out, progress=False, max_new_tokens=3)
+    assert "pass a file path" in str(info.value)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+    assert not fake_vllm.requests_to("/v1/chat/completions")

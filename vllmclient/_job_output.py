@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,6 +57,9 @@ class JobOutput:
         path = self.path
         if path.is_dir():
             raise ConfigurationError(f"output {path} is a directory: pass a file path, such as {path / 'out.jsonl'}.")
+        if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # /dev/null, /dev/stdout, a pipe
+            raise ConfigurationError(f"output {path} is not a regular file: a job appends its records to the output and "
+                                     "resumes from what it holds; pass a file path, such as out.jsonl.")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._lock = self.sidecar.open("a+b")
