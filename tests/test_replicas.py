@@ -314,3 +314,22 @@ def test_the_command_line_runs_a_job_over_two_replicas(make_fake_vllm: Any, toke
         text = choice["message"]["content"] if "message" in choice else choice["text"]
         assert text.startswith(f"T{record['custom_id'][1:]}"), record
     assert _tags(a) and _tags(b) and sorted(_tags(a) + _tags(b)) == sorted(f"T{i}" for i in range(40))
+
+
+@pytest.mark.parametrize("fault", ["429", "damaged answer"])
+def test_a_replica_that_rate_limits_or_damages_its_answers_sends_its_requests_to_the_other(
+    fault: str, make_fake_vllm: Any, tokenizer_dir: Any
+) -> None:
+    """A 429 after the SDK's retries (a rate limit in front of that server) and an answer cut short are that
+    replica's trouble, as a 5xx is: the request goes to another replica. They failed the input instead, and as
+    such a replica answers fast, it had the most free room and drew most of the work."""
+    a, b = make_fake_vllm(latency=0.02), make_fake_vllm(latency=0.02)
+    if fault == "429":
+        b.fail_next(429, times=10_000, headers={"Retry-After": "0"})
+    else:
+        b.truncate_next(times=10_000)
+    with _client(tokenizer_dir, a, b) as llm:
+        outputs = run_with_timeout(lambda: llm.generate(_inputs(40)), timeout=60)
+    _check_each_once(outputs)
+    assert sorted(_tags(a)) == sorted(f"T{i}" for i in range(40))
+    assert any(r.fault for r in b.requests_to("/v1/completions"))  # b was tried, and failed

@@ -3,9 +3,10 @@
 Each replica has its own SDK client (its own HTTP, retries and timeouts), its own connection pool and its
 own share of ``max_concurrency``. A request waits until some replica has room and goes to the one with the
 most free room at that moment, so a slow replica takes fewer requests and one that is down takes none. A
-replica whose request failed where another server may do better (refused, dropped, 5xx after the SDK's
-retries, a timeout) is cooled down: nothing is sent to it until a probe (``GET /health`` and
-``GET /v1/models``, no retries, with back-off) finds it healthy and serving the model again. The request that
+replica whose request failed where another server may do better (refused, dropped, 5xx or 429 after the
+SDK's retries, an unreadable answer, a timeout) is cooled down: nothing is sent to it until a probe
+(``GET /health`` and ``GET /v1/models``, no retries, with back-off) finds it healthy and serving the model
+again. The request that
 failed goes to a replica it has not tried yet, at most once to each (routing, not a retry loop: the SDK
 retried on each replica already), except after a timeout: that generation would most likely take as long
 again elsewhere. A refused connection is not even retried by the SDK (``_http._SendOnce``): nothing listens
@@ -57,6 +58,14 @@ PROBE_MOST_SECONDS = 5.0
 
 # Failures of a replica rather than of the request: another replica may answer it.
 _REPLICA_FAILURES = (ServerUnreachableError, ConnectionLostError, ServerError, ServerTimeoutError)
+
+
+def _replica_failure(error: APIError) -> bool:
+    """Whether another replica may do better: also after a 429 (a rate limit in front of this one, still there
+    after the SDK's retries) and an answer that is not readable JSON (cut short, a proxy's page)."""
+    if isinstance(error, _REPLICA_FAILURES):
+        return True
+    return type(error) is APIError and error.status_code is not None and (error.status_code < 400 or error.status_code == 429)
 
 
 class _Share(Capacity):
@@ -203,7 +212,7 @@ class Replicas:
         A refused connection reached nothing, so it is not a try: the request may go there again once the
         replica is back. Others count: at most one send to each replica, and none after a timeout.
         """
-        if self.single or not isinstance(error, _REPLICA_FAILURES):
+        if self.single or not _replica_failure(error):
             return False
         self.cool_down(replica, error)
         if route is None or isinstance(error, ServerTimeoutError):
