@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -314,3 +316,31 @@ def test_an_output_that_is_not_a_regular_file_is_refused_before_anything_is_writ
     assert "pass a file path" in str(info.value)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
     assert not fake_vllm.requests_to("/v1/chat/completions")
+
+
+def test_an_input_rewritten_while_its_job_runs_stops_the_job_and_no_line_gets_another_lines_answer(
+        make_fake_vllm, tmp_path):
+    """A job reads each line again by its offset when it sends it. Rewritten in place meanwhile (``> in.jsonl``
+    from a script that made it), the offsets held the new file's lines: records named after the old lines held
+    answers to the new ones, silently (or the job died with a traceback on a line cut in two). It stops instead,
+    saying why; the records it wrote answer their own lines."""
+    server = make_fake_vllm(latency=0.02)
+    source = write_lines(tmp_path / "in.jsonl", [chat(f"c{i:03d}", f"old {i:03d}") for i in range(80)])
+    out = tmp_path / "out.jsonl"
+
+    def rewrite_when_started() -> None:
+        deadline = time.monotonic() + 30
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 4) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with source.open("r+b") as file:  # the same file, other lines of the same length
+            file.write("".join(json.dumps(chat(f"c{i:03d}", f"new {i:03d}")) + "\n" for i in range(80)).encode())
+
+    rewriter = threading.Thread(target=rewrite_when_started)
+    rewriter.start()
+    with (ClientvLLM(base_url=server.base_url, max_retries=0, max_concurrency=2) as llm,
+          pytest.raises(ConfigurationError, match="changed while the job ran") as info):
+        run_batch_file(llm, source, out, progress=False, max_new_tokens=3)
+    rewriter.join()
+    assert "run the same command again" in str(info.value)
+    assert not [prompt for prompt in server.answered_prompts if "new" in str(prompt)]
+    assert 4 <= out.read_bytes().count(b"\n") < 80

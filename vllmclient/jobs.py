@@ -90,6 +90,33 @@ class _Group:
     custom_ids: dict[int, str] = field(default_factory=dict)
 
 
+class _Input:
+    """The input, read again line by line at the offsets planned: it must not change meanwhile (rewritten in place,
+    the offsets would hold other lines, whose answers would be recorded under the planned lines' custom_ids)."""
+
+    def __init__(self, file: IO[bytes], path: Path) -> None:
+        self.file, self.path = file, path
+        self.stamp = self._stamp()
+
+    def _stamp(self) -> tuple[int, int]:
+        status = os.fstat(self.file.fileno())
+        return status.st_size, status.st_mtime_ns
+
+    def check(self) -> None:
+        if self._stamp() != self.stamp:
+            raise ConfigurationError(
+                f"the input {self.path} changed while the job ran, so its lines are no longer the ones the job "
+                "planned; the job stopped, and the records it wrote answer the lines as they were. Put the input "
+                "back as it was and run the same command again to resume, or start over with the new input "
+                "in another output file."
+            )
+
+    def line(self, offset: int) -> bytes:
+        self.check()
+        self.file.seek(offset)
+        return self.file.readline()
+
+
 class _LineError(Exception):
     """A line that is not a request; its record says why."""
 
@@ -131,6 +158,7 @@ def run_batch_file(
         if any(path.exists() and path.samefile(source) for path in (target, sidecar_path(target))):
             raise ConfigurationError(f"the output {target} is the input {source}: a job appends its records to the "
                                      "output, so choose another output file.")
+        source_file = _Input(reading, source)
         digest = _digest(reading)
         options = {  # what decides the answers; not the server's address, nor how fast it is asked
             "tokenizer": _local(client.tokenizer), "tokenizer_revision": client.tokenizer_revision,
@@ -146,13 +174,14 @@ def run_batch_file(
             plain = plain_call(client, {**params, "num_generations": num_generations})
             job.begin()
             groups, failures = _plan(_lines(reading), job, plain, summary)
+            source_file.check()
             _warn_unused(groups, params, num_generations)
             job.write(failures)
             _count(summary, failures)
             pending = sum(len(group.lines) for group in groups.values())
             bar = _bar(pending, progress)
             try:
-                client._loop.run(_run(client, reading, groups, job, summary, bar))
+                client._loop.run(_run(client, source_file, groups, job, summary, bar))
             finally:
                 if bar is not None:
                     bar.close()
@@ -229,7 +258,7 @@ def _plan(lines: Iterator[tuple[int, int, bytes]], job: JobOutput, plain: Call,
     return groups, failures
 
 
-async def _run(client: ClientvLLM, reading: IO[bytes], groups: dict[Any, _Group], job: JobOutput,
+async def _run(client: ClientvLLM, source: _Input, groups: dict[Any, _Group], job: JobOutput,
                summary: JobSummary, bar: Any) -> None:
     """Run the groups, at most ``max_concurrency`` at once (each holds at least a sequence when it sends)."""
     engine = client._engine
@@ -238,15 +267,13 @@ async def _run(client: ClientvLLM, reading: IO[bytes], groups: dict[Any, _Group]
 
     def payloads(group: _Group) -> Iterator[tuple[int, Any]]:
         for number, offset in group.lines:
-            reading.seek(offset)
-            yield number, parse_line(reading.readline(), "")[3]
+            yield number, parse_line(source.line(offset), "")[3]
 
     async def worker() -> None:
         for group in queue:
             call = group.call
             if call is None:
-                reading.seek(group.lines[0][1])
-                _, url, body, _ = parse_line(reading.readline(), "")
+                _, url, body, _ = parse_line(source.line(group.lines[0][1]), "")
                 assert url is not None and body is not None
                 call = Call.of(client, url, body)
             if call.error is not None:
