@@ -344,3 +344,18 @@ def test_an_input_rewritten_while_its_job_runs_stops_the_job_and_no_line_gets_an
     assert "run the same command again" in str(info.value)
     assert not [prompt for prompt in server.answered_prompts if "new" in str(prompt)]
     assert 4 <= out.read_bytes().count(b"\n") < 80
+
+
+def test_a_rerun_summary_still_counts_the_failed_lines_it_kept(client, fake_vllm, tmp_path, capsys):
+    """A rerun keeps lasting failures (a bad line, a 400) as they are; its summary said "3 done before, 0 done now,
+    0 failed" and its --summary-json "failed": {}, so a script checking it took a job with failed lines as clean."""
+    lines = [chat("a", "hello"), chat("b", "hi"), {"custom_id": "bad", "messages": [{"role": "nobody", "content": "x"}]}]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    first = run_batch_file(client, source, tmp_path / "out.jsonl", progress=False, max_new_tokens=3)
+    assert (first.done, sum(first.failed.values()), first.failed_before) == (2, 1, 0)
+    argv = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url", fake_vllm.base_url, "--no-progress",
+            "--max-tokens", "3", "--summary-json", str(tmp_path / "summary.json")]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["already_done"], summary["failed_before"], summary["done"], summary["failed"]) == (3, 1, 0, {})
+    assert "3 done before (1 of them failed)" in capsys.readouterr().err

@@ -46,6 +46,7 @@ class JobSummary:
     output: str
     inputs: int = 0  # lines holding a request (blank lines aside)
     already_done: int = 0  # records kept from earlier runs
+    failed_before: int = 0  # of those, error records (lasting failures: a bad line, a 400)
     done: int = 0  # successful records written by this run
     failed: dict[str, int] = field(default_factory=dict)
     retryable: int = 0  # of the failed: server-side or transient failures, which a rerun runs again
@@ -68,7 +69,9 @@ class JobSummary:
         failed = sum(self.failed.values())
         reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.failed.items()))
         lines = [
-            f"{self.inputs} inputs: {self.already_done} done before, {self.done} done now, {failed} failed"
+            f"{self.inputs} inputs: {self.already_done} done before"
+            + (f" ({self.failed_before} of them failed)" if self.failed_before else "")
+            + f", {self.done} done now, {failed} failed"
             + (f" ({reasons})" if reasons else ""),
             (f"{self.prompt_tokens} prompt tokens, {self.output_tokens} output tokens; {self.seconds:.1f} s, "
              f"{self.prompts_per_second:.1f} prompts/s"),
@@ -242,6 +245,7 @@ def _plan(lines: Iterator[tuple[int, int, bytes]], job: JobOutput, plain: Call,
         seen.add(custom_id)
         if done or (failure is None and custom_id in job.done_ids):
             summary.already_done += 1
+            summary.failed_before += done
             continue
         if failure is not None:
             failures.append(failure)
