@@ -359,3 +359,26 @@ def test_a_rerun_summary_still_counts_the_failed_lines_it_kept(client, fake_vllm
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["already_done"], summary["failed_before"], summary["done"], summary["failed"]) == (3, 1, 0, {})
     assert "3 done before (1 of them failed)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ids", [False, True], ids=["text", "token ids asked"])
+def test_a_packed_completion_lines_body_is_field_for_field_the_servers_answer_to_it_alone(ids, client, fake_vllm,
+                                                                                          tmp_path):
+    """Lines sharing a body go in one request and its answer is cut apart: each piece must hold every field the
+    server answers the line alone (usage's completion_tokens_details was lost), with the same values."""
+    lines = [{"custom_id": f"s{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "tiny-llama", "prompt": f"Shared body {i}", "max_tokens": 5, "seed": 3, "n": 2,
+                       "logprobs": 1, "return_token_ids": ids}} for i in range(4)]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    run_batch_file(client, source, tmp_path / "out.jsonl", progress=False)
+    assert any(len(r.body["prompt"]) == 4 for r in fake_vllm.requests_to("/v1/completions"))  # packed
+    got = {record["custom_id"]: record for record in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    for line in lines:
+        request = urllib.request.Request(fake_vllm.base_url + line["url"], data=json.dumps(line["body"]).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as answer:
+            expected = json.loads(answer.read())
+        body = got[line["custom_id"]]["response"]["body"]
+        volatile = {"id", "created", "system_fingerprint"}
+        assert {k: v for k, v in body.items() if k not in volatile} == {
+            k: v for k, v in expected.items() if k not in volatile}

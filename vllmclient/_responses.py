@@ -80,8 +80,9 @@ def completion_alone(data: dict[str, Any], prompts: int, n: int) -> list[dict[st
         if prompt_ids is not None and all(ids is not None for ids in outputs):
             prompt_tokens = len(prompt_ids)
             completion_tokens = sum(len(ids or ()) for ids in outputs)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                     "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": None}
+            usage = {**dict.fromkeys(data.get("usage") or {}), "prompt_tokens_details": None,  # the pack's details
+                     "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,  # are not a prompt's
+                     "total_tokens": prompt_tokens + completion_tokens}
         answers.append(dict(data, choices=choices, usage=usage))
     return answers
 
