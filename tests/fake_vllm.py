@@ -1608,7 +1608,7 @@ class FakeVLLM:
         tools = body.get("tools") if body.get("tool_choice") != "none" else None
         for j, c in enumerate(choices):
             message = {"role": "assistant", "content": c.text, "refusal": None, "annotations": None,
-                       "audio": None, "function_call": None, "reasoning": None, "tool_calls": []}
+                       "audio": None, "function_call": None, "reasoning": None}  # no tool call: no tool_calls
             finish_reason = c.finish_reason
             if tools:  # as a server with --tool-call-parser: the model "called" the first tool
                 name = tools[0]["function"]["name"]

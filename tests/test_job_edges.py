@@ -106,7 +106,8 @@ def _keys(body: dict[str, Any]) -> dict[str, set[str]]:
 def test_a_chat_line_rendered_with_the_tokenizer_has_every_field_of_the_servers_chat_answer(extra, fake_vllm,
                                                                                             tokenizer_dir, tmp_path):
     """With --tokenizer a chat line is sent as a completion and its answer reshaped as a chat answer: a reader of
-    body["choices"][0]["message"]["refusal"] or body["usage"]["completion_tokens_details"] must find it."""
+    body["choices"][0]["message"]["refusal"] or body["usage"]["completion_tokens_details"] must find it, and find
+    no field the server's chat path leaves out (an empty "tool_calls": vLLM's ChatMessage drops it)."""
     line = {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
             "body": {"model": "tiny-llama", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4,
                      **extra}}
@@ -120,6 +121,7 @@ def test_a_chat_line_rendered_with_the_tokenizer_has_every_field_of_the_servers_
         expected = json.loads(answer.read())
     mine, theirs = _keys(record["response"]["body"]), _keys(expected)
     assert {part: theirs[part] - mine[part] for part in theirs} == {part: set() for part in theirs}
+    assert mine["message"] == theirs["message"]
 
 
 @pytest.mark.parametrize(("url", "fields", "named", "not_named"), [

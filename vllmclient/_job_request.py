@@ -220,7 +220,7 @@ def as_chat(answer: dict[str, Any], top: int | None) -> dict[str, Any]:
         rest.pop("prompt_logprobs", None)
         rest.pop("prompt_token_ids", None)
         message = {"role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None,
-                   "function_call": None, "tool_calls": [], "reasoning": None}
+                   "function_call": None, "reasoning": None}  # vLLM leaves tool_calls out when there are none
         choices.append({"index": rest.pop("index"), "message": message, "logprobs": _chat_logprobs(logprobs, top), **rest})
     body["choices"] = choices
     body.setdefault("prompt_text", None)  # a chat answer's own fields, null as the server's chat path leaves them

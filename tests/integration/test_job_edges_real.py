@@ -48,3 +48,34 @@ def test_a_rendered_chat_lines_logprobs_are_the_servers_chat_answer(vllm_server:
     mine, theirs = record["response"]["body"]["choices"][0], alone["choices"][0]
     assert mine["message"]["content"] == theirs["message"]["content"]
     assert mine["logprobs"] == theirs["logprobs"]
+
+
+def test_each_record_is_field_for_field_what_the_server_answers_its_line_alone(vllm_server: LocalServer,
+                                                                              tmp_path: Path) -> None:
+    """With --tokenizer chat lines go as completions and lines sharing a body are packed; each record's body must
+    still be the server's own answer to the line alone, every field and value but its id and time (a rendered chat
+    line had an empty "tool_calls", which vLLM leaves out; a packed line's usage lost completion_tokens_details)."""
+    lines = []
+    for i in range(3):
+        lines.append({"custom_id": f"chat{i}", "method": "POST", "url": "/v1/chat/completions",
+                      "body": {"model": "tiny-llama", "messages": [{"role": "user", "content": f"Tell {i}"}], "n": 2,
+                               "seed": 7, "max_tokens": 5, "logprobs": True, "top_logprobs": 1}})
+        lines.append({"custom_id": f"text{i}", "method": "POST", "url": "/v1/completions",
+                      "body": {"model": "tiny-llama", "prompt": f"Story {i} begins", "n": 2, "seed": 11,
+                               "max_tokens": 6, "logprobs": 1, "stop": ["."]}})
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with ClientvLLM(base_url=vllm_server.base_url, tokenizer=str(vllm_server.model_dir)) as llm:
+        summary = run_batch_file(llm, source, tmp_path / "out.jsonl", progress=False)
+    assert summary.done == len(lines)
+    got = {record["custom_id"]: record for record in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    volatile = {"id", "created", "system_fingerprint"}
+    for line in lines:
+        request = urllib.request.Request(vllm_server.base_url + line["url"].removeprefix("/v1"),
+                                         data=json.dumps(line["body"]).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as answer:
+            alone = json.loads(answer.read())
+        body = got[line["custom_id"]]["response"]["body"]
+        assert {k: v for k, v in body.items() if k not in volatile} == {
+            k: v for k, v in alone.items() if k not in volatile}, line["custom_id"]
