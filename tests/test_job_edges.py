@@ -384,3 +384,25 @@ def test_a_packed_completion_lines_body_is_field_for_field_the_servers_answer_to
         volatile = {"id", "created", "system_fingerprint"}
         assert {k: v for k, v in body.items() if k not in volatile} == {
             k: v for k, v in expected.items() if k not in volatile}
+
+
+def test_a_job_resumed_naming_the_model_it_was_served_by_goes_on(make_fake_vllm, tmp_path):
+    """What matters is the model that answers, which the job keeps (served_model): a rerun that names it with
+    --model (the first run took the server's default, or the other way round) was refused as 'another job'.
+    Naming another model (a LoRA adapter the server also serves) is still refused, nothing written."""
+    server = make_fake_vllm(models=[{"id": "tiny-llama", "max_model_len": 1024},
+                                    {"id": "adapter", "parent": "tiny-llama", "max_model_len": 1024}])
+    source = write_lines(tmp_path / "in.jsonl", [chat(f"q{i}", f"question {i}") for i in range(4)])
+    out = tmp_path / "out.jsonl"
+    server.fail_next(503, path="*", times=1, match="question 3")
+    with ClientvLLM(base_url=server.base_url, max_retries=0) as llm:
+        first = run_batch_file(llm, source, out, progress=False, max_new_tokens=3)
+    assert (first.done, first.retryable) == (3, 1)
+    before = out.read_bytes()
+    with ClientvLLM(base_url=server.base_url, max_retries=0, model="adapter") as llm, \
+            pytest.raises(ConfigurationError, match="adapter"):
+        run_batch_file(llm, source, out, progress=False, max_new_tokens=3)
+    assert out.read_bytes() == before
+    with ClientvLLM(base_url=server.base_url, max_retries=0, model="tiny-llama") as llm:
+        again = run_batch_file(llm, source, out, progress=False, max_new_tokens=3)
+    assert (again.already_done, again.done) == (3, 1)

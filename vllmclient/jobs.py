@@ -163,10 +163,11 @@ def run_batch_file(
                                      "output, so choose another output file.")
         source_file = _Input(reading, source)
         digest = _digest(reading)
-        options = {  # what decides the answers; not the server's address, nor how fast it is asked
+        options = {  # what decides the answers; not the server's address, nor how fast it is asked; nor the model
+            # as named (given or the server's default): the model that answers is kept once known (served_model)
             "tokenizer": _local(client.tokenizer), "tokenizer_revision": client.tokenizer_revision,
             "magpie_pre_query_template": client.magpie_pre_query_template if client.use_magpie_template else None,
-            "model": client.model, "generation_kwargs": client.generation_kwargs,
+            "generation_kwargs": client.generation_kwargs,
             "structured_output": client.structured_output, "num_generations": num_generations, "params": params,
         }
         job = JobOutput(target, identity(digest, source.resolve(), options))
