@@ -406,3 +406,30 @@ def test_a_job_resumed_naming_the_model_it_was_served_by_goes_on(make_fake_vllm,
     with ClientvLLM(base_url=server.base_url, max_retries=0, model="tiny-llama") as llm:
         again = run_batch_file(llm, source, out, progress=False, max_new_tokens=3)
     assert (again.already_done, again.done) == (3, 1)
+
+
+@pytest.mark.parametrize("kind", ["completion lines", "plain lines, rendered"])
+def test_a_line_the_server_fails_with_500_no_longer_fails_the_lines_packed_with_it_on_a_rerun(kind, fake_vllm,
+                                                                                              tokenizer_dir, tmp_path):
+    """A prompt that makes the server fail (HTTP 500) fails its whole pack, a transient failure that a rerun runs
+    again; but a rerun packed the same lines together again, so the good ones failed with it on every rerun. A
+    rerun sends the lines a 500 failed one per request: only the guilty line fails again."""
+    fake_vllm.fail_prompts_containing("POISON", status=500, message="engine error")
+    texts = [("POISON " if i == 3 else "") + f"fine {i}" for i in range(8)]
+    if kind == "completion lines":
+        lines: list[Any] = [{"custom_id": f"p{i}", "method": "POST", "url": "/v1/completions",
+                             "body": {"model": "tiny-llama", "prompt": text, "max_tokens": 3}}
+                            for i, text in enumerate(texts)]
+    else:
+        lines = [chat(f"p{i}", text) for i, text in enumerate(texts)]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=str(tokenizer_dir), max_retries=0) as llm:
+        first = run_batch_file(llm, source, out, progress=False, max_new_tokens=3)
+        assert first.failed == {"ServerError": 8}  # one request for all: the server failed it
+        second = run_batch_file(llm, source, out, progress=False, max_new_tokens=3)
+        assert (second.done, second.failed) == (7, {"ServerError": 1})
+        third = run_batch_file(llm, source, out, progress=False, max_new_tokens=3)
+        assert (third.already_done, third.done, third.failed) == (7, 0, {"ServerError": 1})
+    got = {record["custom_id"]: record for record in map(json.loads, out.read_text().splitlines())}
+    assert len(got) == 8 and [name for name, record in got.items() if record["error"]] == ["p3"]

@@ -40,6 +40,7 @@ class JobOutput:
         self.done_ids: set[str] = set()  # custom_ids with a result
         self.done_lines: set[int] = set()  # line numbers with a lasting error record
         self.dropped = 0  # records of an earlier run taken out to be run again (transient failures, a torn line)
+        self.alone: set[int] = set()  # of those, lines a 500 failed: run one per request (see _read_done)
         self._lock: IO[bytes] | None = None
         self._locked = False  # this job holds the lock: the sidecar is its own to remove
         self._saved = False
@@ -152,6 +153,11 @@ class JobOutput:
                 record = _record(line)
                 if not _kept(record):
                     self.dropped += 1
+                    error = record.get("error") if record is not None else None
+                    if isinstance(error, dict) and error.get("code") == 500 and isinstance(error.get("line"), int):
+                        # A prompt the server fails fails its whole pack: packed alike again, the other lines
+                        # would fail with it on every rerun. Alone, only the guilty line fails again.
+                        self.alone.add(error["line"])
                     continue
                 assert record is not None
                 error = record.get("error")

@@ -251,10 +251,12 @@ def _plan(lines: Iterator[tuple[int, int, bytes]], job: JobOutput, plain: Call,
         if failure is not None:
             failures.append(failure)
             continue
-        key = None
+        key: Any = None
         if url is not None:
             shared = json.dumps([url, prompt_kind(url, payload), body], sort_keys=True).encode()
             key = hashlib.blake2b(shared, digest_size=16).digest()
+        if number in job.alone:  # a 500 failed it with its pack last time: its own request now
+            key = (key, number)
         group = groups.get(key)
         if group is None:
             group = groups[key] = _Group(url, plain if url is None else None)
