@@ -433,3 +433,23 @@ def test_a_line_the_server_fails_with_500_no_longer_fails_the_lines_packed_with_
         assert (third.already_done, third.done, third.failed) == (7, 0, {"ServerError": 1})
     got = {record["custom_id"]: record for record in map(json.loads, out.read_text().splitlines())}
     assert len(got) == 8 and [name for name, record in got.items() if record["error"]] == ["p3"]
+
+
+def test_the_command_lines_warnings_name_the_client_once(fake_vllm, tmp_path):
+    """The library's messages begin with 'vllmclient:'; the command line's log format added the logger's name again
+    ('WARNING vllmclient: vllmclient: replica ... failed')."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    source = write_lines(tmp_path / "in.jsonl", [chat("a", "hello")])
+    process = subprocess.run(
+        [sys.executable, "-m", "vllmclient", "run", str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url",
+         fake_vllm.base_url, "--base-url", dead, "--no-progress", "--max-tokens", "3"],
+        check=False, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stderr
+    assert f"WARNING vllmclient: replica {dead}/v1 failed" in process.stderr, process.stderr
+    assert "vllmclient: vllmclient:" not in process.stderr

@@ -122,7 +122,7 @@ def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
     from .jobs import run_batch_file
     from .params import parse_params
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")  # ours begin "vllmclient: "
     given = [(option, name, getattr(options, option[2:].replace("-", "_"))) for option, _, name in _SAMPLING]
     given += [("--chat-template-kwargs", "chat_template_kwargs", options.chat_template_kwargs),
               ("--ignore-eos", "ignore_eos", options.ignore_eos)]
