@@ -453,3 +453,22 @@ def test_the_command_lines_warnings_name_the_client_once(fake_vllm, tmp_path):
     assert process.returncode == 0, process.stderr
     assert f"WARNING vllmclient: replica {dead}/v1 failed" in process.stderr, process.stderr
     assert "vllmclient: vllmclient:" not in process.stderr
+
+
+@pytest.mark.parametrize("status", [401, 404])
+def test_a_line_failed_by_a_key_or_model_the_server_stopped_taking_mid_job_is_run_again(status, fake_vllm,
+                                                                                        tmp_path):
+    """A 401 (the server restarted with another key) or a 404 (no longer serving the model) mid-job says nothing
+    about the line: a rerun, which loads the server again with the right key and model, must run it. Its record
+    was kept as a lasting failure, so the rerun skipped the line for good (short of editing the output)."""
+    source = write_lines(tmp_path / "in.jsonl", [chat(f"q{i}", f"question {i}") for i in range(4)])
+    out = tmp_path / "out.jsonl"
+    body = {"error": {"message": "The model `tiny-llama` does not exist.", "type": "NotFoundError",
+                      "param": "model", "code": 404}} if status == 404 else None
+    fake_vllm.fail_next(status, body=body, path="/v1/chat/completions", match="question 2")
+    with ClientvLLM(base_url=fake_vllm.base_url, max_retries=0) as llm:
+        first = run_batch_file(llm, source, out, progress=False, max_new_tokens=3)
+        assert first.done == 3 and first.retryable == 1, first
+        again = run_batch_file(llm, source, out, progress=False, max_new_tokens=3)
+    assert (again.already_done, again.done) == (3, 1)
+    assert all(record["error"] is None for record in map(json.loads, out.read_text().splitlines()))

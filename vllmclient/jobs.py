@@ -26,7 +26,7 @@ from typing import IO, Any
 from ._job_output import JobOutput, identity, sidecar_path
 from ._job_request import Call, plain_call, prompt_kind
 from .client import ClientvLLM
-from .errors import APIError, AuthenticationError, BadRequestError, ConfigurationError, ModelNotFoundError
+from .errors import APIError, BadRequestError, ConfigurationError
 from .params import parse_params
 from .results import GenerateOutput, GenerationError
 
@@ -414,13 +414,12 @@ def failure_record(custom_id: str, number: int, kind: str, message: str, *, erro
 
 
 def _retryable(exc: BaseException | None) -> bool:
-    """The server's trouble (unreachable, lost, timed out, 5xx, 429, an unreadable answer) or a local limit (out
-    of file descriptors): worth sending again. Not a line the server refused, a key or model it does not take."""
+    """The server's trouble (unreachable, lost, timed out, 5xx, 429, an unreadable answer, a key or model it
+    stopped taking mid-job: a rerun loads it again first) or a local limit (out of file descriptors): worth
+    sending again. Not a line the server refused (400)."""
     if isinstance(exc, ConfigurationError):
         return True
-    if not isinstance(exc, APIError):
-        return False
-    return not isinstance(exc, (BadRequestError, AuthenticationError, ModelNotFoundError))
+    return isinstance(exc, APIError) and not isinstance(exc, BadRequestError)
 
 
 def _local(tokenizer: str | None) -> str | None:
