@@ -472,3 +472,26 @@ def test_a_line_failed_by_a_key_or_model_the_server_stopped_taking_mid_job_is_ru
         again = run_batch_file(llm, source, out, progress=False, max_new_tokens=3)
     assert (again.already_done, again.done) == (3, 1)
     assert all(record["error"] is None for record in map(json.loads, out.read_text().splitlines()))
+
+
+@pytest.mark.parametrize("kind", ["completion lines", "plain lines, rendered"])
+def test_each_packed_lines_body_has_its_own_id_as_vllm_names_that_prompt(kind, fake_vllm, tokenizer_dir, tmp_path):
+    """A pack's answer has one id; each line's body held that same id, so lines answered together looked like one
+    answer to whoever keys answers by id (as the server alone gives each its own). Each gets vLLM's own name for
+    its prompt in the request (``<id>-<position>``, as in the server's log)."""
+    if kind == "completion lines":
+        lines: list[Any] = [{"custom_id": f"p{i}", "method": "POST", "url": "/v1/completions",
+                             "body": {"model": "tiny-llama", "prompt": f"text {i}", "max_tokens": 3}} for i in range(5)]
+    else:
+        lines = [chat(f"p{i}", f"text {i}") for i in range(5)]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=str(tokenizer_dir), max_retries=0) as llm:
+        run_batch_file(llm, source, tmp_path / "out.jsonl", progress=False, max_new_tokens=3)
+    (sent,) = fake_vllm.requests_to("/v1/completions")
+    assert len(sent.body["prompt"]) == 5  # one pack
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    ids = {record["custom_id"]: record["response"]["body"]["id"] for record in records}
+    assert len(set(ids.values())) == 5, ids
+    (request_id,) = {record["response"]["request_id"] for record in records}  # the one request they went in
+    prefix = "chatcmpl-" if kind != "completion lines" else "cmpl-"
+    assert [ids[f"p{i}"] for i in range(5)] == [f"{prefix}{request_id}-{i}" for i in range(5)]

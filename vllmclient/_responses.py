@@ -65,7 +65,8 @@ def completion_outputs(data: dict[str, Any], prompts: int, request: Request, req
 
 def completion_alone(data: dict[str, Any], prompts: int, n: int) -> list[dict[str, Any]]:
     """The answer to a pack, cut into what the server would have answered each prompt sent alone: its ``n``
-    choices indexed from 0, and its own ``usage`` counted from the token ids (the client asks for them)."""
+    choices indexed from 0, its own ``usage`` counted from the token ids (the client asks for them) and its own
+    ``id``."""
     if prompts == 1:  # the server's own answer, usage exact
         return [data]
     per_prompt: list[list[dict[str, Any]]] = [[] for _ in range(prompts)]
@@ -73,7 +74,7 @@ def completion_alone(data: dict[str, Any], prompts: int, n: int) -> list[dict[st
         position, j = divmod(choice["index"], n)
         per_prompt[position].append(dict(choice, index=j))
     answers = []
-    for choices in per_prompt:
+    for position, choices in enumerate(per_prompt):
         prompt_ids = next((choice["prompt_token_ids"] for choice in choices if choice.get("prompt_token_ids")), None)
         outputs: list[list[int] | None] = [choice.get("token_ids") for choice in choices]
         usage = None
@@ -83,7 +84,10 @@ def completion_alone(data: dict[str, Any], prompts: int, n: int) -> list[dict[st
             usage = {**dict.fromkeys(data.get("usage") or {}), "prompt_tokens_details": None,  # the pack's details
                      "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,  # are not a prompt's
                      "total_tokens": prompt_tokens + completion_tokens}
-        answers.append(dict(data, choices=choices, usage=usage))
+        answer = dict(data, choices=choices, usage=usage)
+        if isinstance(data.get("id"), str):  # vLLM's name for this prompt of the request (its log's), not the pack's
+            answer["id"] = f"{data['id']}-{position}"
+        answers.append(answer)
     return answers
 
 
