@@ -495,3 +495,23 @@ def test_each_packed_lines_body_has_its_own_id_as_vllm_names_that_prompt(kind, f
     (request_id,) = {record["response"]["request_id"] for record in records}  # the one request they went in
     prefix = "chatcmpl-" if kind != "completion lines" else "cmpl-"
     assert [ids[f"p{i}"] for i in range(5)] == [f"{prefix}{request_id}-{i}" for i in range(5)]
+
+
+def test_the_warning_about_options_batch_lines_ignore_names_them_as_a_body_and_the_command_line_do(fake_vllm,
+                                                                                                  tmp_path):
+    """It advises putting the options in the lines' bodies, which use vLLM's names, as the command line does
+    (--max-tokens, --n); it named generate's parameters (max_new_tokens, num_generations) instead."""
+    import subprocess
+    import sys
+
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "tiny-llama", "prompt": "hello", "max_tokens": 3}}
+    source = write_lines(tmp_path / "in.jsonl", [line])
+    process = subprocess.run(
+        [sys.executable, "-m", "vllmclient", "run", str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url",
+         fake_vllm.base_url, "--no-progress", "--max-tokens", "3", "--n", "2", "--temperature", "0.5"],
+        check=False, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stderr
+    (warning,) = [text for text in process.stderr.splitlines() if "plain lines" in text]
+    assert "max_tokens, temperature, n apply to plain lines only" in warning, warning
+    assert "max_new_tokens" not in warning and "num_generations" not in warning

@@ -36,6 +36,7 @@ logger = logging.getLogger("vllmclient")
 
 _KEYS_BATCH = frozenset({"custom_id", "method", "url", "body"})
 _KEYS_PLAIN = frozenset({"custom_id", "messages"})
+_BODY_NAMES = {"max_new_tokens": "max_tokens", "num_generations": "n"}  # generate's parameters in a body's names
 
 
 @dataclass
@@ -196,8 +197,9 @@ def run_batch_file(
 
 
 def _warn_unused(groups: dict[Any, _Group], params: dict[str, Any], num_generations: int) -> None:
-    """Sampling options given for the job do not reach batch lines (their body decides): say so, once."""
-    given = [*params, *(["num_generations"] if num_generations != 1 else [])]
+    """Sampling options given for the job do not reach batch lines (their body decides): say so, once, in the
+    body's (vLLM's) names, which are the command line's too."""
+    given = [_BODY_NAMES.get(name, name) for name in [*params, *(["num_generations"] if num_generations != 1 else [])]]
     batch = sum(len(group.lines) for group in groups.values() if group.url is not None)
     if given and batch:
         logger.warning("vllmclient: %s apply to plain lines only; the input's %d batch lines use their own body's "
