@@ -316,18 +316,23 @@ def test_the_command_line_runs_a_job_over_two_replicas(make_fake_vllm: Any, toke
     assert _tags(a) and _tags(b) and sorted(_tags(a) + _tags(b)) == sorted(f"T{i}" for i in range(40))
 
 
-@pytest.mark.parametrize("fault", ["429", "damaged answer"])
+@pytest.mark.parametrize("fault", ["429", "damaged answer", "401", "404"])
 def test_a_replica_that_rate_limits_or_damages_its_answers_sends_its_requests_to_the_other(
     fault: str, make_fake_vllm: Any, tokenizer_dir: Any
 ) -> None:
-    """A 429 after the SDK's retries (a rate limit in front of that server) and an answer cut short are that
-    replica's trouble, as a 5xx is: the request goes to another replica. They failed the input instead, and as
-    such a replica answers fast, it had the most free room and drew most of the work."""
+    """A 429 after the SDK's retries (a rate limit in front of that server), an answer cut short, a key or model
+    it stopped taking (restarted with another --api-key, or without the model) are that replica's trouble, as a
+    5xx is: the request goes to another replica. They failed the input instead, and as such a replica answers
+    fast, it had the most free room and drew most of the work."""
     a, b = make_fake_vllm(latency=0.02), make_fake_vllm(latency=0.02)
     if fault == "429":
         b.fail_next(429, times=10_000, headers={"Retry-After": "0"})
-    else:
+    elif fault == "damaged answer":
         b.truncate_next(times=10_000)
+    else:
+        body = {"error": {"message": "The model `tiny-llama` does not exist.", "type": "NotFoundError",
+                          "param": "model", "code": 404}} if fault == "404" else None
+        b.fail_next(int(fault), body=body, times=10_000)
     with _client(tokenizer_dir, a, b) as llm:
         outputs = run_with_timeout(lambda: llm.generate(_inputs(40)), timeout=60)
     _check_each_once(outputs)

@@ -4,7 +4,7 @@ Each replica has its own SDK client (its own HTTP, retries and timeouts), its ow
 own share of ``max_concurrency``. A request waits until some replica has room and goes to the one with the
 most free room at that moment, so a slow replica takes fewer requests and one that is down takes none. A
 replica whose request failed where another server may do better (refused, dropped, 5xx or 429 after the
-SDK's retries, an unreadable answer, a timeout) is cooled down: nothing is sent to it until a probe
+SDK's retries, an unreadable answer, a key or model it no longer takes, a timeout) is cooled down: nothing is sent to it until a probe
 (``GET /health`` and ``GET /v1/models``, no retries, with back-off) finds it healthy and serving the model
 again. The request that failed goes to a replica it has not tried yet, at most once to each (routing, not a
 retry loop: the SDK retried on each replica already), except after a timeout: that generation would most
@@ -37,8 +37,10 @@ from ._http import Capacity, HTTPClient, Ticket, refused, ticket
 from ._server import ServerInfo, discover, parse_models
 from .errors import (
     APIError,
+    AuthenticationError,
     ConfigurationError,
     ConnectionLostError,
+    ModelNotFoundError,
     ServerError,
     ServerTimeoutError,
     ServerUnreachableError,
@@ -62,8 +64,9 @@ _REPLICA_FAILURES = (ServerUnreachableError, ConnectionLostError, ServerError, S
 
 def _replica_failure(error: APIError) -> bool:
     """Whether another replica may do better: also after a 429 (a rate limit in front of this one, still there
-    after the SDK's retries) and an answer that is not readable JSON (cut short, a proxy's page)."""
-    if isinstance(error, _REPLICA_FAILURES):
+    after the SDK's retries), an answer that is not readable JSON (cut short, a proxy's page) and a key or model
+    it no longer takes (restarted with another; its probe lets it rejoin once it takes them again)."""
+    if isinstance(error, (*_REPLICA_FAILURES, AuthenticationError, ModelNotFoundError)):
         return True
     return type(error) is APIError and error.status_code is not None and (error.status_code < 400 or error.status_code == 429)
 
