@@ -1,18 +1,18 @@
 """Several vLLM servers of one model behind one client: shares of ``max_concurrency``, routing, cool-down.
 
-Each replica has its own SDK client (its own HTTP, retries and timeouts), its own connection pool and its
-own share of ``max_concurrency``. A request waits until some replica has room and goes to the one with the
-most free room at that moment, so a slow replica takes fewer requests and one that is down takes none. A
-replica whose request failed where another server may do better (refused, dropped, 5xx or 429 after the
-SDK's retries, an unreadable answer, a key or model it no longer takes, a timeout) is cooled down: nothing is sent to it until a probe
-(``GET /health`` and ``GET /v1/models``, no retries, with back-off) finds it healthy and serving the model
-again. The request that failed goes to a replica it has not tried yet, at most once to each (routing, not a
-retry loop: the SDK retried on each replica already), except after a timeout: that generation would most
-likely take as long again elsewhere. A refused connection is not even retried by the SDK
+Each replica has its own SDK client (its own HTTP, retries and timeouts), its own connection pool and its own
+share of ``max_concurrency``. A request waits until some replica has room and goes to the one with the most
+free room at that moment, so a slow replica takes fewer requests and one that is down takes none. A replica
+whose request failed where another server may do better (refused, dropped, 5xx or 429 after the SDK's retries,
+an unreadable answer, a key or model it no longer takes, a timeout) is cooled down: nothing is sent to it
+until a probe (``GET /health`` and ``GET /v1/models``, no retries, with back-off) finds it healthy and serving
+the model again. The request that failed goes to a replica it has not tried yet, at most once to each
+(routing, not a retry loop: the SDK retried on each replica already), except after a timeout: that generation
+would most likely take as long again elsewhere. A refused connection is not even retried by the SDK
 (``_http._SendOnce``): nothing listens there any more, so the replica cools down and the request goes
 elsewhere at once; as nothing was sent, it is not a try, and the request may go back there once the replica
-answers again. With every replica down,
-requests wait up to ``timeout`` seconds for one to come back, then fail with ``ServerUnreachableError``.
+answers again. With every replica down, requests wait up to ``timeout`` seconds for one to come back, then
+fail with ``ServerUnreachableError``.
 
 With a single ``base_url`` there is one replica and nothing of this applies: a request's capacity is taken
 when the SDK hands it to the transport (``_http.Ticket``), exactly as without this module.
