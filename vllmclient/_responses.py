@@ -85,7 +85,7 @@ def completion_alone(data: dict[str, Any], prompts: int, n: int) -> list[dict[st
                      "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,  # are not a prompt's
                      "total_tokens": prompt_tokens + completion_tokens}
         answer = dict(data, choices=choices, usage=usage)
-        if isinstance(data.get("id"), str):  # vLLM's name for this prompt of the request (its log's), not the pack's
+        if isinstance(data.get("id"), str):  # vLLM's own id for this prompt of the request
             answer["id"] = f"{data['id']}-{position}"
         answers.append(answer)
     return answers
