@@ -478,7 +478,7 @@ def test_a_line_failed_by_a_key_or_model_the_server_stopped_taking_mid_job_is_ru
 def test_each_packed_lines_body_has_its_own_id_as_vllm_names_that_prompt(kind, fake_vllm, tokenizer_dir, tmp_path):
     """A pack's answer has one id; each line's body held that same id, so lines answered together looked like one
     answer to whoever keys answers by id (as the server alone gives each its own). Each gets vLLM's own name for
-    its prompt in the request (``<id>-<position>``, as in the server's log)."""
+    its prompt in the request (``<id>-<position>``, the request id vLLM gives that prompt)."""
     if kind == "completion lines":
         lines: list[Any] = [{"custom_id": f"p{i}", "method": "POST", "url": "/v1/completions",
                              "body": {"model": "tiny-llama", "prompt": f"text {i}", "max_tokens": 3}} for i in range(5)]
