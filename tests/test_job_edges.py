@@ -515,3 +515,21 @@ def test_the_warning_about_options_batch_lines_ignore_names_them_as_a_body_and_t
     (warning,) = [text for text in process.stderr.splitlines() if "plain lines" in text]
     assert "max_tokens, temperature, n apply to plain lines only" in warning, warning
     assert "max_new_tokens" not in warning and "num_generations" not in warning
+
+
+def test_an_answer_the_client_cannot_reshape_fails_its_line_not_the_job(fake_vllm, tokenizer_dir, tmp_path):
+    """A chat line rendered with --tokenizer has its completion answer reshaped into a chat answer; an answer of a
+    shape that reshaping cannot take (here a logprobs token that is null) raised out of the job, which died with a
+    traceback and left the other lines unrun. It is that line's failure, the server's (as any unreadable answer)."""
+    lines = [chat(f"c{i}", f"question {i}") for i in range(4)]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    odd = {"id": "cmpl-odd", "object": "text_completion", "model": "tiny-llama",
+           "choices": [{"index": 0, "text": "x", "finish_reason": "stop",
+                        "logprobs": {"tokens": [None], "token_logprobs": [None], "top_logprobs": [None]}}]}
+    fake_vllm.fail_next(200, body=odd, path="/v1/completions", match="question 1")
+    with ClientvLLM(base_url=fake_vllm.base_url, tokenizer=str(tokenizer_dir), max_retries=0, pack_size=1) as llm:
+        summary = run_batch_file(llm, source, tmp_path / "out.jsonl", progress=False, max_new_tokens=3, logprobs=1)
+    got = {record["custom_id"]: record for record in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert len(got) == 4 and summary.done == 3
+    error = got["c1"]["error"]
+    assert error["line"] == 2 and "unexpected shape" in error["message"] and error["retryable"], error

@@ -25,6 +25,7 @@ from typing import IO, Any
 
 from ._job_output import JobOutput, identity, sidecar_path
 from ._job_request import Call, plain_call, prompt_kind
+from ._responses import read
 from .client import ClientvLLM
 from .errors import APIError, BadRequestError, ConfigurationError
 from .params import parse_params
@@ -386,10 +387,14 @@ def _record(custom_id: str, number: int, output: GenerateOutput, finish: Callabl
     error = output.get("error")
     if error is not None:
         return failure_record(custom_id, number, error.type, error.message, error=error)
+    try:
+        body = read(finish, output["answer"])
+    except APIError as exc:  # an answer of a shape the client cannot reshape: this line fails, not the job
+        return failure_record(custom_id, number, type(exc).__name__, exc.message, exc=exc)
     return {
         "id": f"vllmclient-{uuid.uuid4().hex}",
         "custom_id": custom_id,
-        "response": {"status_code": 200, "request_id": output["request_id"], "body": finish(output["answer"])},
+        "response": {"status_code": 200, "request_id": output["request_id"], "body": body},
         "error": None,
     }
 
