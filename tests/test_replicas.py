@@ -338,3 +338,18 @@ def test_a_replica_that_rate_limits_or_damages_its_answers_sends_its_requests_to
     _check_each_once(outputs)
     assert sorted(_tags(a)) == sorted(f"T{i}" for i in range(40))
     assert any(r.fault for r in b.requests_to("/v1/completions"))  # b was tried, and failed
+
+
+def test_replicas_without_the_chat_batch_route_are_not_cooled_down(
+    make_fake_vllm: Any, tokenizer_dir: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 404 for a path the server does not serve (no /chat/completions/batch, as vLLM before it) says the
+    conversations go one per request; it is no replica's trouble. Taken for a model the replica stopped serving,
+    it cooled down every replica in turn, and the call waited for their probes."""
+    a, b = make_fake_vllm(batch_chat=False), make_fake_vllm(batch_chat=False)
+    with _client(tokenizer_dir, a, b, tokenizer=None) as llm, caplog.at_level(logging.WARNING, logger="vllmclient"):
+        outputs = run_with_timeout(lambda: llm.generate(_inputs(6)), timeout=60)
+        assert llm._engine is not None
+        assert all(replica.down_since is None for replica in llm._engine.replicas.replicas)
+    _check_each_once(outputs)
+    assert "failed (" not in caplog.text

@@ -65,9 +65,12 @@ _REPLICA_FAILURES = (ServerUnreachableError, ConnectionLostError, ServerError, S
 def _replica_failure(error: APIError) -> bool:
     """Whether another replica may do better: also after a 429 (a rate limit in front of this one, still there
     after the SDK's retries), an answer that is not readable JSON (cut short, a proxy's page) and a key or model
-    it no longer takes (restarted with another; its probe lets it rejoin once it takes them again)."""
-    if isinstance(error, (*_REPLICA_FAILURES, AuthenticationError, ModelNotFoundError)):
+    it no longer takes (restarted with another; its probe lets it rejoin once it takes them again). Not a 404
+    without vLLM's error object: a path the server does not serve (``/chat/completions/batch`` before vLLM had it)."""
+    if isinstance(error, (*_REPLICA_FAILURES, AuthenticationError)):
         return True
+    if isinstance(error, ModelNotFoundError):
+        return isinstance(error.body, dict) and "type" in error.body
     return type(error) is APIError and error.status_code is not None and (error.status_code < 400 or error.status_code == 429)
 
 
