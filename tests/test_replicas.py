@@ -353,3 +353,18 @@ def test_replicas_without_the_chat_batch_route_are_not_cooled_down(
         assert all(replica.down_since is None for replica in llm._engine.replicas.replicas)
     _check_each_once(outputs)
     assert "failed (" not in caplog.text
+
+
+def test_replicas_without_tokenize_are_not_cooled_down_at_load(
+    make_fake_vllm: Any, tokenizer_dir: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tokenizer check at load asks /tokenize; a server without it (404, not vLLM's error object) is not
+    checked, and is no replica in trouble: it cooled down every replica before the first request."""
+    a, b = make_fake_vllm(), make_fake_vllm()
+    for server in (a, b):
+        server.fail_next(404, body={"detail": "Not Found"}, path="/tokenize")
+    with _client(tokenizer_dir, a, b) as llm, caplog.at_level(logging.WARNING, logger="vllmclient"):
+        llm.load()
+        assert llm._engine is not None
+        assert all(replica.down_since is None for replica in llm._engine.replicas.replicas)
+    assert "failed (" not in caplog.text
