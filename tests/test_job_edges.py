@@ -533,3 +533,19 @@ def test_an_answer_the_client_cannot_reshape_fails_its_line_not_the_job(fake_vll
     assert len(got) == 4 and summary.done == 3
     error = got["c1"]["error"]
     assert error["line"] == 2 and "unexpected shape" in error["message"] and error["retryable"], error
+
+
+def test_a_summary_json_naming_the_api_key_file_is_refused_before_anything_runs(make_fake_vllm, tmp_path, capsys):
+    """``--summary-json`` is written over its path after the job: naming the ``--api-key-file`` (a sibling of the
+    input and output the guard checks) would replace the key with the summary, and the next run would fail."""
+    server = make_fake_vllm(api_key="sk-secret")
+    source = write_lines(tmp_path / "in.jsonl", [chat("a", "hello")])
+    key = tmp_path / "key.txt"
+    key.write_text("sk-secret\n")
+    argv = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url", server.base_url, "--no-progress",
+            "--max-tokens", "3", "--api-key-file", str(key)]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--summary-json", str(key)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "argument --summary-json" in err and "--api-key-file" in err, err
+    assert key.read_text() == "sk-secret\n" and not (tmp_path / "out.jsonl").exists()

@@ -139,7 +139,7 @@ def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
         parser.error(f"argument --summary-json: {options.summary_json} is a directory; pass a file path, such as "
                      f"{options.summary_json / 'summary.json'}")
     if options.summary_json is not None:
-        _not_a_job_file(parser, options.summary_json, options.input, options.output)
+        _not_a_job_file(parser, options.summary_json, options.input, options.output, options.api_key_file)
     urls = options.base_url or ["http://localhost:8000"]
     settings: dict[str, Any] = {
         "base_url": urls[0] if len(urls) == 1 else urls, "model": options.model, "tokenizer": options.tokenizer,
@@ -179,11 +179,16 @@ def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
     return 0
 
 
-def _not_a_job_file(parser: argparse.ArgumentParser, summary: Path, source: Path, output: Path) -> None:
-    """The summary is written over its path after the job: never over the input, the output or its job file."""
+def _not_a_job_file(parser: argparse.ArgumentParser, summary: Path, source: Path, output: Path,
+                    api_key_file: str | None) -> None:
+    """The summary is written over its path after the job: never over the input, the output, its job file or the
+    API key file."""
     from ._job_output import sidecar_path
 
-    for what, path in [("the input", source), ("the output", output), ("the output's job file", sidecar_path(output))]:
+    files = [("the input", source), ("the output", output), ("the output's job file", sidecar_path(output))]
+    if api_key_file is not None:
+        files.append(("the --api-key-file", Path(api_key_file)))
+    for what, path in files:
         same = summary.resolve() == path.resolve()
         if not same and summary.exists() and path.exists():
             same = summary.samefile(path)
