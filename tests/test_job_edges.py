@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -15,6 +16,7 @@ import pytest
 from vllmclient import ClientvLLM, ConfigurationError, run_batch_file
 from vllmclient._job_output import JobOutput, identity, sidecar_path
 from vllmclient.cli import main
+from vllmclient.jobs import _Input
 
 
 def write_lines(path: Path, lines: list[Any]) -> Path:
@@ -549,3 +551,27 @@ def test_a_summary_json_naming_the_api_key_file_is_refused_before_anything_runs(
     err = capsys.readouterr().err
     assert info.value.code == 2 and "argument --summary-json" in err and "--api-key-file" in err, err
     assert key.read_text() == "sk-secret\n" and not (tmp_path / "out.jsonl").exists()
+
+
+class _RewrittenWhenSought(io.FileIO):
+    """The input as a job reads it, with a writer that rewrites it just as the job seeks to a line."""
+
+    rewrite: Any = None
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if self.rewrite is not None:
+            self.rewrite()
+            self.rewrite = None
+        return super().seek(offset, whence)
+
+
+def test_an_input_rewritten_just_before_a_line_is_read_is_never_taken_for_the_planned_line(tmp_path):
+    """The job checked that the input had not changed, then read the line: rewritten in between, the new line was
+    sent and its answer recorded under the planned line's custom_id. The check comes after the read now."""
+    source = write_lines(tmp_path / "in.jsonl", [chat("a", "old")])
+    os.utime(source, ns=(0, 0))  # its stamp differs from the rewrite's however coarse the clock
+    with _RewrittenWhenSought(source, "rb") as file:
+        reading = _Input(file, source)
+        file.rewrite = lambda: source.write_text(json.dumps(chat("a", "new")) + "\n")  # same length, same inode
+        with pytest.raises(ConfigurationError, match="changed while the job ran"):
+            reading.line(0)

@@ -117,9 +117,11 @@ class _Input:
             )
 
     def line(self, offset: int) -> bytes:
-        self.check()
+        """The line at ``offset``; checked after it is read, so a change just before the read is seen."""
         self.file.seek(offset)
-        return self.file.readline()
+        line = self.file.readline()
+        self.check()
+        return line
 
 
 class _LineError(Exception):
