@@ -169,7 +169,8 @@ def aborted(base_url: str, request_id: str | None, output_tokens: int | None) ->
     return ServerError(
         f"The vLLM server at {base_url} aborted this generation before it finished (finish_reason 'abort'{after}), "
         "as it does with the requests in flight when it shuts down or is paused; the text so far is incomplete "
-        "and not returned. Send the input again (with checkpoint=..., the same call sends only what is missing).",
+        "and not returned. Send the input again (generate with checkpoint=..., or a job file's same command run "
+        "again, sends only what is missing).",
         request_id=request_id,
     )
 
