@@ -19,7 +19,13 @@ import pytest
 
 from vllmclient import ClientvLLM, StreamEnd
 from vllmclient.cli import main
-from vllmclient.errors import ConfigurationError, ModelNotFoundError, ServerUnreachableError
+from vllmclient.errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    ModelNotFoundError,
+    ServerError,
+    ServerUnreachableError,
+)
 
 from deadline import run_with_timeout
 from fake_vllm import FakeVLLM
@@ -238,6 +244,38 @@ def test_a_stream_a_replica_fails_before_answering_goes_to_the_other(
         assert llm._engine is not None
         assert llm._engine.capacity.used == 0 and llm._engine.connections.used == 0
     assert _tags(b) == ["T0"]
+
+
+@pytest.mark.parametrize("fault", ["abort", "cut"])
+def test_a_replica_that_aborts_or_cuts_a_stream_is_cooled_down_like_one_that_drops_it(
+    make_fake_vllm: Any, tokenizer_dir: Any, caplog: pytest.LogCaptureFixture, fault: str
+) -> None:
+    """A stream aborted (the server shutting down) or cut short says as much about its replica as a dropped
+    connection: the replica cools down, and what comes next goes to the other one until a probe finds it well."""
+    a, b = make_fake_vllm(), make_fake_vllm()
+    with caplog.at_level(logging.WARNING, logger="vllmclient"), _client(tokenizer_dir, a, b) as llm:
+        if fault == "abort":
+            a.abort_prompts_containing("T0")
+        else:
+            a.cut_next_stream(after_chunks=1)
+        with pytest.raises((ServerError, ConnectionLostError)):
+            list(llm.stream(_inputs(1)[0], max_new_tokens=4))
+        assert f"replica {a.base_url}/v1 failed" in caplog.text  # cooled down: nothing goes to it until probed
+        assert llm._engine is not None
+        assert llm._engine.capacity.used == 0 and llm._engine.connections.used == 0
+
+
+def test_a_replica_that_aborts_a_generation_is_cooled_down(
+    make_fake_vllm: Any, tokenizer_dir: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """vLLM aborts the requests in flight when it shuts down: its replica is on its way out, as when it drops them."""
+    a, b = make_fake_vllm(), make_fake_vllm()
+    for server in (a, b):
+        server.abort_prompts_containing("T0")
+    with caplog.at_level(logging.WARNING, logger="vllmclient"), _client(tokenizer_dir, a, b) as llm:
+        (output,) = llm.generate(_inputs(1))
+        assert output["error"].type == "ServerError" and "abort" in output["error"].message
+        assert any(f"replica {server.base_url}/v1 failed (ServerError" in caplog.text for server in (a, b))
 
 
 def test_prompts_are_checked_against_the_smallest_context_of_the_replicas(

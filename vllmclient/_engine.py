@@ -332,7 +332,12 @@ class Engine:
         if "abort" not in reasons:
             return None
         tokens = output["statistics"]["output_tokens"][reasons.index("abort")]
-        return aborted(output.get("server", self.base_url), output["request_id"], tokens)
+        server = output.get("server")
+        error = aborted(server or self.base_url, output["request_id"], tokens)
+        for replica in self.replicas.replicas:  # several replicas: one shutting down cools down, as when it drops
+            if replica.base_url == server:
+                self.replicas.failed(replica, error)
+        return error
 
     def _failed_if_aborted(self, index: int, request: Request, output: GenerateOutput) -> GenerateOutput:
         error = self._aborted(output)

@@ -139,10 +139,11 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
                     yield delta
         end = time.perf_counter()
         output_tokens = usage.get("completion_tokens", counted if counted else None)
-        if finish_reason is None:  # vLLM ends every answer with one
-            raise _unfinished(chunks, replica.base_url, request_id, len(pieces))
-        if finish_reason == "abort":
-            raise aborted(replica.base_url, request_id, output_tokens)
+        if finish_reason is None or finish_reason == "abort":  # vLLM ends every answer with a reason; abort: stopping
+            ended = (_unfinished(chunks, replica.base_url, request_id, len(pieces)) if finish_reason is None
+                     else aborted(replica.base_url, request_id, output_tokens))
+            engine.replicas.failed(replica, ended)  # as a dropped stream: several replicas, it cools down
+            raise ended
         text = "".join(pieces)
         parsed, validation_error = (None, None) if request.structured is None else request.structured.check(
             text, finish_reason
