@@ -278,6 +278,29 @@ def test_a_replica_that_aborts_a_generation_is_cooled_down(
         assert any(f"replica {server.base_url}/v1 failed (ServerError" in caplog.text for server in (a, b))
 
 
+def test_generations_a_replica_aborts_go_to_the_other_and_nothing_is_lost(make_fake_vllm: Any, tokenizer_dir: Any) -> None:
+    """A replica shutting down aborts what it holds (HTTP 200, finish_reason 'abort'): none of that text was
+    handed over, so those inputs go to another replica, as when it drops them, for generate and agenerate."""
+    import asyncio
+
+    a, b = make_fake_vllm(), make_fake_vllm()
+    a.abort_prompts_containing("Say")  # every prompt: it is stopping
+    with _client(tokenizer_dir, a, b, max_concurrency=8, pack_size=2) as llm:
+        outputs = llm.generate(_inputs(4))
+        _check_each_once(outputs)
+        assert a.requests_to("/v1/completions"), "the test needs the first pack to reach the aborting replica"
+        assert {output["server"] for output in outputs} == {b.base_url + "/v1"}
+        _wait_for(lambda: not _down(llm, a))  # probed back in (it answers /health), yet it still aborts
+        output = asyncio.run(llm.agenerate(_inputs(1, start=9)[0]))
+        assert output["generations"][0].startswith("T9") and output["server"] == b.base_url + "/v1"
+
+
+def _down(llm: ClientvLLM, server: FakeVLLM) -> bool:
+    assert llm._engine is not None
+    return any(replica.down_since is not None for replica in llm._engine.replicas.replicas
+               if replica.base_url == server.base_url + "/v1")
+
+
 def test_prompts_are_checked_against_the_smallest_context_of_the_replicas(
     make_fake_vllm: Any, tokenizer_dir: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -141,7 +141,10 @@ class Engine:
     async def one(self, payload: Any, request: Request) -> GenerateOutput:
         """A single input; errors are raised (agenerate's contract)."""
         output = (await self._generate([payload], request))[0]
-        if (error := self._aborted(output)) is not None:
+        if (error := self._aborted(output)) is not None and self._elsewhere():
+            output = (await self._generate([payload], request))[0]  # the aborting replica is cooled down
+            error = self._aborted(output)
+        if error is not None:
             raise error
         if request.structured is not None:
             await self._checked([(0, payload, output)], request)
@@ -286,21 +289,24 @@ class Engine:
                 task.cancel()
             await asyncio.gather(producer, *sending, return_exceptions=True)  # each gives back its capacity
 
-    async def _send_pack(self, pack: list[tuple[int, Any]], request: Request) -> list[tuple[int, GenerateOutput]]:
+    async def _send_pack(
+        self, pack: list[tuple[int, Any]], request: Request, *, again: bool = False
+    ) -> list[tuple[int, GenerateOutput]]:
         """Send a pack; when one of its prompts may be the cause, split it so that only the guilty inputs fail.
 
         A 400 about the prompts (their length, whatever ``param`` vLLM names, or their content), or a
         failure on our side before an answer (a prompt the request could not carry), is split; a 400 about
         a call-wide parameter (temperature, logprobs, ...) or a server failure fails the pack as it is.
         Conversations that may not share a request (any more: a server without ``/chat/completions/batch``
-        says so with a 404 once) go one per request.
+        says so with a 404 once) go one per request. Generations a replica aborted go once more to another
+        (``again``: this is that second send).
         """
         if len(pack) > 1 and not self.packs(request):
-            parts = await asyncio.gather(*(self._send_pack([item], request) for item in pack))
+            parts = await asyncio.gather(*(self._send_pack([item], request, again=again) for item in pack))
             return [result for part in parts for result in part]
         groups = _sharing(pack, request) if len(pack) > 1 else [pack]
         if len(groups) > 1:
-            parts = await asyncio.gather(*(self._send_pack(group, request) for group in groups))
+            parts = await asyncio.gather(*(self._send_pack(group, request, again=again) for group in groups))
             by_index = dict(result for part in parts for result in part)
             return [(index, by_index[index]) for index, _ in pack]
         try:
@@ -311,20 +317,38 @@ class Engine:
                     self.batch_chat = False
                     logger.info("vllmclient: %s has no POST /chat/completions/batch; one request per conversation",
                                 self.base_url)
-                return await self._send_pack(pack, request)
+                return await self._send_pack(pack, request, again=again)
             if len(pack) == 1 or not _about_a_prompt(exc):
                 return [(index, _failed(index, request, exc)) for index, _ in pack]
         except Exception as exc:  # noqa: BLE001 - ours, before any answer: find the input that caused it
             if len(pack) == 1:
                 return [(index, _failed(index, request, exc)) for index, _ in pack]
         else:
-            return [(index, self._failed_if_aborted(index, request, outputs[position]))
-                    for position, (index, _) in enumerate(pack)]
+            return await self._unless_aborted(pack, outputs, request, again)
         middle = len(pack) // 2
         left, right = await asyncio.gather(
-            self._send_pack(pack[:middle], request), self._send_pack(pack[middle:], request)
+            self._send_pack(pack[:middle], request, again=again), self._send_pack(pack[middle:], request, again=again)
         )
         return left + right
+
+    async def _unless_aborted(
+        self, pack: list[tuple[int, Any]], outputs: list[GenerateOutput], request: Request, again: bool
+    ) -> list[tuple[int, GenerateOutput]]:
+        """The pack's outputs; one the server aborted fails its input, or with another replica up (the
+        aborting one cooled down) is sent there once: none of its text was handed over."""
+        results: dict[int, GenerateOutput] = {}
+        elsewhere: list[tuple[int, Any]] = []
+        for (index, payload), output in zip(pack, outputs, strict=True):
+            error = self._aborted(output)
+            if error is None:
+                results[index] = output
+            elif not again and self._elsewhere():
+                elsewhere.append((index, payload))
+            else:
+                results[index] = _failed(index, request, error)
+        if elsewhere:
+            results.update(await self._send_pack(elsewhere, request, again=True))
+        return [(index, results[index]) for index, _ in pack]
 
     def _aborted(self, output: GenerateOutput) -> ServerError | None:
         """The error of an output the server aborted (finish reason ``"abort"``: shutting down or paused)."""
@@ -339,9 +363,9 @@ class Engine:
                 self.replicas.failed(replica, error)
         return error
 
-    def _failed_if_aborted(self, index: int, request: Request, output: GenerateOutput) -> GenerateOutput:
-        error = self._aborted(output)
-        return output if error is None else _failed(index, request, error)
+    def _elsewhere(self) -> bool:
+        """Several replicas and one of them up."""
+        return not self.replicas.single and any(replica.down_since is None for replica in self.replicas.replicas)
 
     async def _checked(self, sent: list[tuple[int, Any, GenerateOutput]], request: Request) -> None:
         """Check each output against ``structured_outputs`` and ask again for the invalid generations.
