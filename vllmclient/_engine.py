@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx2
 
-from ._http import Capacity, ticket
-from ._replicas import Replicas, Route, Total
+from ._http import Capacity
+from ._replicas import Replicas, Total
 from ._request import Request
 from ._responses import batch_chat_outputs, chat_output, completion_alone, completion_outputs, read
 from .errors import (
@@ -114,26 +114,13 @@ class Engine:
         the one that answered (a request a replica failed goes to another one: ``Replicas.failed``).
         """
         request_id = f"vllmclient-{uuid.uuid4().hex}"
-        route = Route()
-        while True:
-            replica, claim = await self.replicas.take(sequences, route)
-            token = ticket.set(claim)
-            try:
-                data = await replica.call(
-                    replica.aclient.post(
-                        path, cast_to=httpx2.Response, body=body, options={"headers": {"X-Request-Id": request_id}}
-                    )
-                )
-            except APIError as exc:
-                exc.request_id = exc.request_id or request_id
-                if not self.replicas.failed(replica, exc, route):
-                    raise
-                continue
-            finally:
-                ticket.reset(token)
-                claim.leave()
-                replica.connections.release(1)
-            break
+        replica, claim, data = await self.replicas.send(
+            sequences, request_id, lambda replica: replica.call(replica.aclient.post(
+                path, cast_to=httpx2.Response, body=body, options={"headers": {"X-Request-Id": request_id}}
+            )),
+        )
+        claim.leave()
+        replica.connections.release(1)
         if claim.seconds is not None:
             self.sizer.observe(claim.seconds)
         return data, request_id, claim.seconds, None if self.replicas.single else replica.base_url

@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2
 import openai
@@ -52,6 +52,8 @@ from .errors import (
 __all__ = ["Replica", "Replicas", "Route", "Total", "discover_all", "shares"]
 
 logger = logging.getLogger("vllmclient")
+
+T = TypeVar("T")
 
 PROBE_FIRST_SECONDS = 0.25
 """The first probe of a cooled-down replica comes this soon (a restart's blip), then the wait doubles ..."""
@@ -211,6 +213,37 @@ class Replicas:
         claim = Ticket(replica.slots, amount, until_closed=until_closed)
         claim.held, claim.entered = True, time.perf_counter()
         return replica, claim
+
+    async def send(
+        self, sequences: int, request_id: str, sending: Callable[[Replica], Awaitable[T]], *, until_closed: bool = False
+    ) -> tuple[Replica, Ticket, T]:
+        """``sending(replica)`` on a replica ``take`` chose, under its claim; what it returned, still holding the
+        claim and the connection (the caller leaves them once done with the answer).
+
+        A failure is ours (translated, carrying ``request_id``); one where another replica may do better sends
+        the request to a replica it has not tried (``failed``), having given back what it held.
+        """
+        route = Route()
+        while True:
+            replica, claim = await self.take(sequences, route, until_closed=until_closed)
+            token = ticket.set(claim)
+            try:
+                return replica, claim, await sending(replica)
+            except BaseException as exc:
+                claim.leave()
+                replica.connections.release(1)
+                if not isinstance(exc, (openai.OpenAIError, OSError, VLLMClientError)):
+                    raise
+                error = exc if isinstance(exc, VLLMClientError) else replica.translate(exc)
+                if isinstance(error, APIError):
+                    error.request_id = error.request_id or request_id
+                    if self.failed(replica, error, route):
+                        continue
+                if error is exc:
+                    raise
+                raise error from exc
+            finally:
+                ticket.reset(token)
 
     def failed(self, replica: Replica, error: APIError, route: Route | None = None) -> bool:
         """Note that ``replica`` failed a request with ``error``; whether to send it to another replica.

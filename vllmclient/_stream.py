@@ -18,11 +18,9 @@ from typing import TYPE_CHECKING, Any
 import httpx2
 import openai
 
-from ._http import Ticket, ticket
-from ._replicas import Replica, Route
 from ._request import Request
 from ._responses import chat_logprobs, completion_logprobs
-from .errors import APIError, ConnectionLostError, InvalidInputError, ServerTimeoutError, aborted
+from .errors import APIError, ConnectionLostError, InvalidInputError, ServerTimeoutError, aborted, causes
 from .results import Logprob
 
 if TYPE_CHECKING:
@@ -109,7 +107,14 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
     request_id = f"vllmclient-{uuid.uuid4().hex}"
-    replica, claim, chunks = await _open(engine, path, body, request.n, request_id)
+    # A replica that fails the request before the answer begins cools down and the request goes to one it has
+    # not tried (``Replicas.send``): nothing of the answer came, so nothing is repeated. Once open, it is not re-sent.
+    replica, claim, chunks = await engine.replicas.send(
+        request.n, request_id, lambda replica: replica.aclient.post(
+            path, cast_to=object, body=body, stream=True, stream_cls=openai.AsyncStream[object],
+            options={"headers": {"X-Request-Id": request_id}},
+        ), until_closed=True,
+    )
     try:
         sent = claim.entered
         read = _read_chat if request.chat else _read_completion
@@ -162,9 +167,7 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
     except (openai.OpenAIError, OSError) as exc:
         error = replica.translate(exc)
         if isinstance(error, ConnectionLostError):  # the SDK re-sends no stream once open
-            root: BaseException = exc
-            while root.__cause__ is not None:
-                root = root.__cause__
+            root = causes(exc)[-1]
             error = ConnectionLostError(
                 f"The connection to the vLLM server at {replica.base_url} dropped in the middle of the streamed "
                 f"answer ({root.__class__.__name__}: {root}); the text received so far is incomplete. The server "
@@ -189,42 +192,6 @@ async def stream_events(engine: Engine, request: Request, payload: Any) -> Async
         finally:
             claim.leave()
             replica.connections.release(1)
-
-
-async def _open(
-    engine: Engine, path: str, body: dict[str, Any], n: int, request_id: str
-) -> tuple[Replica, Ticket, openai.AsyncStream[Any]]:
-    """Send the streamed request; its replica, claim (held until the stream ends) and open stream.
-
-    As ``Engine.post``: a replica that fails the request before the answer begins (connection refused,
-    5xx after the SDK's retries) cools down and the request goes to one it has not tried; nothing of the
-    answer came, so nothing is duplicated.
-    """
-    route = Route()
-    while True:
-        replica, claim = await engine.replicas.take(n, route, until_closed=True)
-        token = ticket.set(claim)
-        try:
-            chunks: openai.AsyncStream[Any] = await replica.aclient.post(
-                path, cast_to=object, body=body, stream=True, stream_cls=openai.AsyncStream[object],
-                options={"headers": {"X-Request-Id": request_id}},
-            )
-            return replica, claim, chunks
-        except (openai.OpenAIError, OSError) as exc:
-            claim.leave()
-            replica.connections.release(1)
-            error = replica.translate(exc)
-            if isinstance(error, APIError):
-                error.request_id = error.request_id or request_id
-                if engine.replicas.failed(replica, error, route):
-                    continue
-            raise error from exc
-        except BaseException:
-            claim.leave()
-            replica.connections.release(1)
-            raise
-        finally:
-            ticket.reset(token)
 
 
 def _unfinished(chunks: openai.AsyncStream[Any], base_url: str, request_id: str, pieces: int) -> APIError:
