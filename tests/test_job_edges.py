@@ -575,3 +575,36 @@ def test_an_input_rewritten_just_before_a_line_is_read_is_never_taken_for_the_pl
         file.rewrite = lambda: source.write_text(json.dumps(chat("a", "new")) + "\n")  # same length, same inode
         with pytest.raises(ConfigurationError, match="changed while the job ran"):
             reading.line(0)
+
+
+@pytest.mark.parametrize(("first", "again", "named", "not_named"), [
+    (["--max-tokens", "4"], ["--max-tokens", "5"], "--max-tokens: 4 then, 5 now", "max_new_tokens"),
+    ([], ["--max-tokens", "5"], "--max-tokens: not set then, 5 now", "max_new_tokens"),
+    (["--n", "2", "--temperature", "0.5"], ["--n", "3", "--temperature", "0.5"], "--n: 2 then, 3 now",
+     "num_generations"),
+    (["--seed", "1", "--top-k", "3"], ["--seed", "2", "--top-k", "3"], "--seed: 1 then, 2 now", "top_k"),
+])
+def test_a_rerun_with_other_options_is_refused_naming_each_option_as_typed(first, again, named, not_named,
+                                                                           fake_vllm, tmp_path, capsys):
+    """A user who typed --max-tokens is told which option changed, in its own name and value, not as generate's
+    parameters dumped together (``params: {} then, {"max_new_tokens": 5} now``)."""
+    source = write_lines(tmp_path / "in.jsonl", [chat("a", "hello")])
+    argv = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url", fake_vllm.base_url, "--no-progress"]
+    assert main([*argv, *first]) == 0
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    capsys.readouterr()
+    assert main([*argv, *again]) == 1
+    err = capsys.readouterr().err
+    assert "another job" in err and named in err and not_named not in err and "params" not in err, err
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_a_resume_with_other_parameters_names_each_parameter_that_differs(client, tmp_path):
+    source = write_lines(tmp_path / "in.jsonl", [chat("a", "hello")])
+    out = tmp_path / "out.jsonl"
+    run_batch_file(client, source, out, progress=False, max_new_tokens=4, seed=1)
+    with pytest.raises(ConfigurationError, match="another job") as info:
+        run_batch_file(client, source, out, progress=False, max_new_tokens=5, seed=1, top_p=0.5)
+    message = str(info.value)
+    assert "max_new_tokens: 4 then, 5 now" in message and "top_p: not set then, 0.5 now" in message, message
+    assert "seed" not in message and "params" not in message, message

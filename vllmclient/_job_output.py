@@ -125,11 +125,7 @@ class JobOutput:
                                "with other contents")
         options, given = self.identity["options"], before.get("options")
         then: dict[str, Any] = given if isinstance(given, dict) else {}
-        differences += [
-            f"{name}: {_shown(then.get(name))} then, {_shown(options.get(name))} now"
-            for name in sorted(set(then) | set(options))
-            if _canonical(then.get(name)) != _canonical(options.get(name))
-        ]
+        differences += _differences(then, options)
         if differences:
             raise ConfigurationError(
                 f"output {self.path} was written for another job ({'; '.join(differences)}); it was left as it is. "
@@ -226,10 +222,28 @@ def _kept(record: dict[str, Any] | None) -> bool:
     return not (isinstance(error, dict) and error.get("retryable") is True)
 
 
+def _differences(then: Mapping[str, Any], now: Mapping[str, Any], unset: Any = None) -> list[str]:
+    """``name: X then, Y now`` per option that differs; generate's parameters (``params``) one by one, by their own
+    names, so that the one changed is named (and, on the command line, shown as its option)."""
+    found: list[str] = []
+    for name in sorted(set(then) | set(now)):
+        before, after = then.get(name, unset), now.get(name, unset)
+        if name == "params" and isinstance(before, dict) and isinstance(after, dict):
+            found += _differences(before, after, _UNSET)
+        elif _canonical(before) != _canonical(after):
+            found.append(f"{name}: {_shown(before)} then, {_shown(after)} now")
+    return found
+
+
+_UNSET = object()
+
+
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
 def _shown(value: Any) -> str:
+    if value is _UNSET:
+        return "not set"
     text = json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= 120 else text[:117] + "..."

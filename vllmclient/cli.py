@@ -118,7 +118,7 @@ def _json_object(text: str) -> dict[str, Any]:
 
 def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
     from .client import ClientvLLM
-    from .errors import InvalidInputError, VLLMClientError
+    from .errors import ConfigurationError, InvalidInputError, VLLMClientError
     from .jobs import run_batch_file
     from .params import parse_params
 
@@ -161,6 +161,9 @@ def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
         return _INTERRUPTED
     except InvalidInputError as exc:  # options that fail together (checked before the job begins)
         parser.error(_as_options(str(exc)))
+    except ConfigurationError as exc:  # the output's or input's file, or options differing from the output's job
+        print(f"error: {_as_options(str(exc))}", file=sys.stderr, flush=True)
+        return 1
     except VLLMClientError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
