@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import threading
 import time
 import urllib.request
@@ -78,6 +79,8 @@ def test_a_bad_command_line_option_is_named_as_typed_and_nothing_is_written(opti
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}:" in err, err
+    # named as typed all through, not as generate's parameter ("argument --stop: stop=[''] is invalid")
+    assert not re.search(r"(?<![-\w])(max_new_tokens|num_generations|temperature|top_p|stop)\b", err), err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl"]
 
 

@@ -133,7 +133,7 @@ def _run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
         try:  # each alone, so that the error names the option as typed
             parse_params({name: value})
         except VLLMClientError as exc:
-            parser.error(f"argument {option}: {exc}")
+            parser.error(f"argument {option}: {_as_options(str(exc))}")
         params[name] = value
     if options.summary_json is not None and options.summary_json.is_dir():
         parser.error(f"argument --summary-json: {options.summary_json} is a directory; pass a file path, such as "
