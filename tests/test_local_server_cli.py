@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +95,26 @@ def test_a_forked_child_does_not_inherit_the_sigterm_handler():
         assert signal.getsignal(signal.SIGTERM) is local_server._exit_on_sigterm  # the owner keeps it
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("given", ["/nonexistent/model", "./no-such-model", "~/no-such-model-h23"])
+def test_a_model_folder_that_does_not_exist_is_refused_before_vllm_starts(given):
+    """A mistyped folder went to vLLM, which read it as a Hugging Face repo id and failed after seconds of start-up
+    with 'Repo id must use alphanumeric chars' (or a hub lookup), never saying the folder is missing."""
+    with pytest.raises(ConfigurationError) as info:
+        LocalServer(given, python=sys.executable)
+    message = str(info.value)
+    assert str(Path(given).expanduser().resolve()) in message and "does not exist" in message, message
+
+
+def test_serve_names_a_missing_model_folder(tmp_path, capsys):
+    missing = tmp_path / "tiny-llama-typo"
+    with pytest.raises(SystemExit) as info:
+        main([*NO_VLLM, "--model", str(missing)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--model" in err and str(missing) in err and "does not exist" in err, err
+
+
+def test_a_hub_repo_id_is_still_passed_to_vllm_as_it_is():
+    server = LocalServer("Qwen/Qwen2.5-0.5B-Instruct", python=sys.executable)  # not started: nothing is fetched
+    assert str(server.model_dir) == "Qwen/Qwen2.5-0.5B-Instruct" and server.served_model_name == "Qwen2.5-0.5B-Instruct"

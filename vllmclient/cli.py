@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import LocalServerError
+from .errors import ConfigurationError, LocalServerError
 from .local_server import KEY_ON_COMMAND_LINE, LocalServer, has_api_key_option
 
 __all__ = ["main", "serve"]
@@ -293,12 +293,15 @@ def serve(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    server = LocalServer(
-        args.model, python=args.python, port=args.port, host=args.host,
-        served_model_name=args.served_model_name, max_model_len=args.max_model_len,
-        api_key=api_key, extra_args=extra, startup_timeout=args.startup_timeout,
-        enforce_eager=not args.compile, kv_cache_gib=args.kv_cache_gib, log_path=args.log,
-    )
+    try:
+        server = LocalServer(
+            args.model, python=args.python, port=args.port, host=args.host,
+            served_model_name=args.served_model_name, max_model_len=args.max_model_len,
+            api_key=api_key, extra_args=extra, startup_timeout=args.startup_timeout,
+            enforce_eager=not args.compile, kv_cache_gib=args.kv_cache_gib, log_path=args.log,
+        )
+    except ConfigurationError as exc:
+        parser.error(str(exc))
     try:
         server.start()
         key = f"API key from {'--api-key-file' if args.api_key_file else '$VLLM_API_KEY'}" if api_key else "no API key"

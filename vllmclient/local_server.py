@@ -313,6 +313,11 @@ class LocalServer:
         self.model_dir: Path | None = None
         if model_dir is not None:
             path = Path(model_dir).expanduser()
+            if not path.exists() and str(model_dir).startswith(("/", ".", "~")):  # a path, never a hub repo id
+                raise ConfigurationError(
+                    f"--model / model_dir: the folder {path.resolve()} does not exist (vLLM would take it for a Hugging Face repo id and "
+                    "fail after its start-up). Pass the folder holding the model's config.json and weights."
+                )
             # Absolute if local, so the log and /v1/models show where it came from.
             self.model_dir = path.resolve() if path.exists() else path
         self.python: str = resolve_server_python(python)
