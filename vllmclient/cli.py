@@ -209,12 +209,7 @@ def _as_options(message: str) -> str:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    """SIGTERM stops the CLI as cleanly as Ctrl-C."""
+    """SIGTERM stops a command as cleanly as Ctrl-C."""
     raise KeyboardInterrupt
 
 
@@ -292,7 +287,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         server = LocalServer(
             args.model, python=args.python, port=args.port, host=args.host,
